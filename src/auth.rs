@@ -1,0 +1,218 @@
+//! Authentication of a request from its two headers, in the order SPEC §2 fixes:
+//! form → derivation (CPU only) → cache → database. A forged pair never reaches the cache or
+//! the database; only positive answers are cached, for at most the TTL; a revocation seen
+//! by this instance (its own, or reported by the store's change watcher) drops the entry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use moka::future::Cache;
+
+use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
+use crate::store::{CredentialStore, InvalidationSink, KeyState, StoreError};
+use crate::telemetry::{AuthResult, Metrics};
+
+/// Header carrying the api_key.
+pub const KEY_HEADER: &str = "x-api-key";
+/// Header carrying the api_secret.
+pub const SECRET_HEADER: &str = "x-api-secret";
+
+/// The authenticated caller, put into request extensions by [`require_credential`].
+#[derive(Debug, Clone)]
+pub struct Caller(pub ApiKey);
+
+/// Why a request was not authenticated.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthError {
+    /// Any credential problem. Deliberately one variant: callers learn nothing about which
+    /// part was wrong.
+    #[error("missing or invalid credentials")]
+    Rejected,
+    /// The database failed; the request is neither accepted nor rejected.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Cache settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSettings {
+    /// How long a positive answer is trusted; zero disables the cache.
+    pub ttl: Duration,
+    /// Most cached credentials.
+    pub capacity: u64,
+}
+
+/// Authenticates requests. Cheap to clone: clones share the cache.
+#[derive(Clone)]
+pub struct Authenticator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    deriver: SecretDeriver,
+    store: Arc<dyn CredentialStore>,
+    /// Keys known active; `None` when caching is disabled.
+    cache: Option<Cache<ApiKey, ()>>,
+    /// Bumped on every invalidation, so a lookup that raced a revocation does not cache
+    /// what it read before the revocation committed.
+    epoch: AtomicU64,
+    metrics: Metrics,
+}
+
+impl Authenticator {
+    /// Builds an authenticator over a store.
+    pub fn new(
+        deriver: SecretDeriver,
+        store: Arc<dyn CredentialStore>,
+        cache: CacheSettings,
+        metrics: Metrics,
+    ) -> Self {
+        let cache = (!cache.ttl.is_zero() && cache.capacity > 0).then(|| {
+            Cache::builder()
+                .max_capacity(cache.capacity)
+                .time_to_live(cache.ttl)
+                .build()
+        });
+        Self {
+            inner: Arc::new(Inner {
+                deriver,
+                store,
+                cache,
+                epoch: AtomicU64::new(0),
+                metrics,
+            }),
+        }
+    }
+
+    /// Authenticates the pair in `headers`.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<ApiKey, AuthError> {
+        let result = self.check(headers).await;
+        self.inner.metrics.auth(match &result {
+            Ok(_) => AuthResult::Ok,
+            Err(Failure::Form) => AuthResult::RejectedForm,
+            Err(Failure::Derivation) => AuthResult::RejectedDerivation,
+            Err(Failure::Unknown) => AuthResult::RejectedUnknown,
+            Err(Failure::Revoked) => AuthResult::RejectedRevoked,
+            Err(Failure::Store(_)) => AuthResult::Error,
+        });
+        result.map_err(|f| match f {
+            Failure::Store(e) => AuthError::Store(e),
+            _ => AuthError::Rejected,
+        })
+    }
+
+    async fn check(&self, headers: &HeaderMap) -> Result<ApiKey, Failure> {
+        let key = header(headers, KEY_HEADER)
+            .and_then(|v| ApiKey::parse(v).ok())
+            .ok_or(Failure::Form)?;
+        let secret = header(headers, SECRET_HEADER)
+            .and_then(|v| ApiSecret::parse(v).ok())
+            .ok_or(Failure::Form)?;
+        if !self.inner.deriver.verify(&key, &secret) {
+            return Err(Failure::Derivation);
+        }
+        let Some(cache) = &self.inner.cache else {
+            self.inner.metrics.cache_miss();
+            return self.load(&key).await.map(|()| key);
+        };
+        if cache.get(&key).await.is_some() {
+            self.inner.metrics.cache_hit();
+            return Ok(key);
+        }
+        self.inner.metrics.cache_miss();
+        let epoch = self.inner.epoch.load(Ordering::Acquire);
+        // Concurrent misses on one key share this one lookup; errors are not cached.
+        let entry = cache
+            .entry(key.clone())
+            .or_try_insert_with(self.load(&key))
+            .await
+            .map_err(|e| (*e).clone())?;
+        if entry.is_fresh() && self.inner.epoch.load(Ordering::Acquire) != epoch {
+            // A revocation landed while we were reading: the answer may predate it.
+            cache.invalidate(&key).await;
+        }
+        Ok(key)
+    }
+
+    async fn load(&self, key: &ApiKey) -> Result<(), Failure> {
+        match self.inner.store.state(key).await {
+            Ok(KeyState::Active) => Ok(()),
+            Ok(KeyState::Revoked) => Err(Failure::Revoked),
+            Ok(KeyState::Unknown) => Err(Failure::Unknown),
+            Err(e) => {
+                tracing::error!(error = %e, api_key = %key, "credential lookup failed");
+                Err(Failure::Store(e))
+            }
+        }
+    }
+
+    /// Drops `key` from the cache at once (after this instance revoked it).
+    pub async fn forget(&self, key: &ApiKey) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(cache) = &self.inner.cache {
+            cache.invalidate(key).await;
+        }
+    }
+
+    /// The number of cached credentials (approximate, for metrics).
+    pub fn cached(&self) -> u64 {
+        self.inner.cache.as_ref().map_or(0, Cache::entry_count)
+    }
+
+    /// The deriver this authenticator checks secrets with.
+    pub fn deriver(&self) -> &SecretDeriver {
+        &self.inner.deriver
+    }
+}
+
+#[async_trait::async_trait]
+impl InvalidationSink for Authenticator {
+    async fn invalidate(&self, key: &str) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        if let (Some(cache), Ok(key)) = (&self.inner.cache, ApiKey::parse(key)) {
+            cache.invalidate(&key).await;
+        }
+    }
+
+    async fn invalidate_all(&self) {
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(cache) = &self.inner.cache {
+            cache.invalidate_all();
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Failure {
+    Form,
+    Derivation,
+    Unknown,
+    Revoked,
+    Store(StoreError),
+}
+
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Middleware that admits only authenticated requests and puts the [`Caller`] into request
+/// extensions. Mount it with `axum::middleware::from_fn_with_state(authenticator, …)` on the
+/// routes to protect.
+pub async fn require_credential(
+    State(auth): State<Authenticator>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    match auth.authenticate(req.headers()).await {
+        Ok(key) => {
+            req.extensions_mut().insert(Caller(key));
+            next.run(req).await
+        }
+        Err(e) => crate::http::ApiError::from(e).into_response(),
+    }
+}

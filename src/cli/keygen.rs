@@ -1,0 +1,29 @@
+//! `credgate keygen`: writes a new random master key.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::config::write_private;
+use crate::credential::MasterKey;
+
+#[derive(Debug, Args)]
+pub(super) struct KeygenArgs {
+    /// File to create (mode 0600; an existing file is never overwritten). Without it the
+    /// key is printed on stdout.
+    #[arg(long, env = "CREDGATE_OUT")]
+    out: Option<PathBuf>,
+}
+
+pub(super) fn run(args: KeygenArgs) -> anyhow::Result<ExitCode> {
+    let key = MasterKey::generate();
+    match args.out {
+        Some(path) => {
+            write_private(&path, key.to_hex_line().as_bytes())?;
+            eprintln!("wrote a new master key to {}", path.display());
+        }
+        None => print!("{}", key.to_hex_line()),
+    }
+    Ok(ExitCode::SUCCESS)
+}

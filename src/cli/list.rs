@@ -1,0 +1,52 @@
+//! `credgate list`: prints credentials as JSON lines, straight from the database.
+
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::DatabaseArgs;
+use crate::store::ListQuery;
+
+#[derive(Debug, Args)]
+pub(super) struct ListArgs {
+    /// Only active (true) or revoked (false) credentials.
+    #[arg(long, env = "CREDGATE_ACTIVE")]
+    active: Option<bool>,
+    #[command(flatten)]
+    db: DatabaseArgs,
+}
+
+const PAGE: u32 = 1000;
+
+pub(super) async fn run(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let store = args.db.open_existing().await?;
+    let stdout = io::stdout();
+    let mut out = io::BufWriter::new(stdout.lock());
+    let mut query = ListQuery {
+        after: None,
+        active: args.active,
+        limit: PAGE,
+    };
+    loop {
+        let page = store.list(&query).await?;
+        for record in &page {
+            if let Err(e) = writeln!(out, "{}", serde_json::to_string(record)?) {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                return Err(e.into());
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE as usize => {
+                query.after = Some(crate::credential::ApiKey::parse(&last.api_key).map_err(
+                    |e| anyhow::anyhow!("stored api_key {:?} is malformed: {e}", last.api_key),
+                )?);
+            }
+            _ => break,
+        }
+    }
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}

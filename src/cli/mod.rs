@@ -1,0 +1,138 @@
+//! The `credgate` command line (SPEC §4): a clap `Command` enum with one module per
+//! subcommand, each with its own `run`. Every flag also reads a `CREDGATE_*` variable.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, DEFAULT_DATA_DIR};
+use crate::credential::MasterKey;
+use crate::store::{self, CredentialStore, DatabaseTarget};
+use crate::telemetry::{self, LogFormat, Metrics};
+
+mod issue;
+mod keygen;
+mod list;
+mod migrate;
+mod revoke;
+mod serve;
+mod verify;
+
+/// credgate: self-hosted API credentials — derived key/secret pairs, revocation, fast auth.
+#[derive(Debug, Parser)]
+#[command(name = "credgate", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the HTTP service.
+    Serve(serve::ServeArgs),
+    /// Mint credential pairs offline with the master key.
+    Issue(issue::IssueArgs),
+    /// Write a new random master key.
+    Keygen(keygen::KeygenArgs),
+    /// Check a pair offline: exit 0 when valid, 1 when not.
+    Verify(verify::VerifyArgs),
+    /// Apply the schema to the database.
+    Migrate(migrate::MigrateArgs),
+    /// List credentials straight from the database.
+    List(list::ListArgs),
+    /// Revoke a credential straight in the database.
+    Revoke(revoke::RevokeArgs),
+}
+
+impl Cli {
+    /// Runs the chosen subcommand. Errors are configuration or I/O problems; `main` prints
+    /// them as one line.
+    pub async fn run(self) -> anyhow::Result<ExitCode> {
+        if !matches!(self.command, Command::Serve(_)) {
+            telemetry::init_logging(LogFormat::Text, "warn")?;
+        }
+        match self.command {
+            Command::Serve(args) => serve::run(args).await,
+            Command::Issue(args) => issue::run(args),
+            Command::Keygen(args) => keygen::run(args),
+            Command::Verify(args) => verify::run(args),
+            Command::Migrate(args) => migrate::run(args).await,
+            Command::List(args) => list::run(args).await,
+            Command::Revoke(args) => revoke::run(args).await,
+        }
+    }
+}
+
+/// Where the data dir is.
+#[derive(Debug, Args)]
+struct DataDirArgs {
+    /// Directory for the default SQLite database and the generated master key.
+    #[arg(long, env = "CREDGATE_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+}
+
+/// Where the master key is.
+#[derive(Debug, Args)]
+struct MasterKeyArgs {
+    /// File holding the master key (64 hex characters).
+    #[arg(long, env = "CREDGATE_MASTER_KEY_FILE")]
+    master_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataDirArgs,
+}
+
+impl MasterKeyArgs {
+    fn load(&self) -> anyhow::Result<MasterKey> {
+        config::load_master_key(self.master_key_file.as_deref(), &self.data.data_dir)
+            .map(|(key, _)| key)
+    }
+}
+
+/// Which database.
+#[derive(Debug, Args)]
+struct DatabaseArgs {
+    /// sqlite://relative/path.db, sqlite:///absolute/path.db or postgres://… (also read from
+    /// DATABASE_URL); default: SQLite at <data dir>/credgate.db.
+    #[arg(long, env = "CREDGATE_DATABASE_URL")]
+    database_url: Option<String>,
+    #[command(flatten)]
+    data: DataDirArgs,
+}
+
+impl DatabaseArgs {
+    /// The explicit database, from the flag, `CREDGATE_DATABASE_URL` or `DATABASE_URL`.
+    fn explicit(&self) -> anyhow::Result<Option<DatabaseTarget>> {
+        let url = self
+            .database_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()));
+        url.map(|u| {
+            DatabaseTarget::parse(&u).map_err(|e| anyhow::anyhow!("invalid --database-url: {e}"))
+        })
+        .transpose()
+    }
+
+    fn target(&self) -> anyhow::Result<DatabaseTarget> {
+        Ok(self
+            .explicit()?
+            .unwrap_or_else(|| DatabaseTarget::default_in(&self.data.data_dir)))
+    }
+
+    /// Opens an existing database for the direct-database commands; never creates one.
+    async fn open_existing(&self) -> anyhow::Result<Arc<dyn CredentialStore>> {
+        let target = self.target()?;
+        if let DatabaseTarget::Sqlite(path) = &target {
+            ensure_exists(path)?;
+        }
+        store::open(&target, Metrics::new()?).await
+    }
+}
+
+fn ensure_exists(path: &Path) -> anyhow::Result<()> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .with_context(|| format!("no database at {}", path.display()))
+}

@@ -1,0 +1,36 @@
+//! `credgate revoke`: revokes a credential straight in the database, for when the API is
+//! unreachable. Running instances drop it from their caches through the change log.
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::DatabaseArgs;
+use crate::credential::ApiKey;
+use crate::store::Revocation;
+
+#[derive(Debug, Args)]
+pub(super) struct RevokeArgs {
+    /// The api_key to revoke.
+    api_key: String,
+    #[command(flatten)]
+    db: DatabaseArgs,
+}
+
+pub(super) async fn run(args: RevokeArgs) -> anyhow::Result<ExitCode> {
+    let key = ApiKey::parse(&args.api_key).map_err(|e| anyhow::anyhow!("api_key {e}"))?;
+    let store = args.db.open_existing().await?;
+    match store.revoke(&key, None).await? {
+        Revocation::Revoked => {
+            println!(
+                "{}",
+                serde_json::json!({ "api_key": key.as_str(), "revoked": true })
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Revocation::NotFound => {
+            eprintln!("credgate: {key} is unknown or already revoked");
+            Ok(ExitCode::from(1))
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! `credgate serve`: runs the HTTP service until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{DatabaseArgs, MasterKeyArgs};
+use crate::config::Config;
+use crate::startup::{self, Application};
+use crate::telemetry::{self, LogFormat};
+
+#[derive(Debug, Args)]
+pub(super) struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CREDGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    key: MasterKeyArgs,
+    /// Database URL (see `credgate migrate --help`).
+    #[arg(long, env = "CREDGATE_DATABASE_URL")]
+    database_url: Option<String>,
+    /// Seconds a positive authentication is cached (0 disables the cache; at most 86400).
+    #[arg(long, env = "CREDGATE_CACHE_TTL", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    cache_ttl: u64,
+    /// Most credentials in the authentication cache.
+    #[arg(long, env = "CREDGATE_CACHE_CAPACITY", default_value_t = 100_000)]
+    cache_capacity: u64,
+    /// Seconds a request may take, body included.
+    #[arg(long, env = "CREDGATE_REQUEST_TIMEOUT", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
+    /// Seconds a client may take to send request headers.
+    #[arg(long, env = "CREDGATE_HEADER_READ_TIMEOUT", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    header_read_timeout: u64,
+    /// Seconds in-flight requests may run after SIGTERM/SIGINT.
+    #[arg(long, env = "CREDGATE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    shutdown_timeout: u64,
+    /// Log format.
+    #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or filter directive (e.g. `info`, `debug`, `credgate=debug,sqlx=warn`).
+    #[arg(long, env = "CREDGATE_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init_logging(args.log_format, &args.log_level)?;
+    let database = DatabaseArgs {
+        database_url: args.database_url,
+        data: super::DataDirArgs {
+            data_dir: args.key.data.data_dir.clone(),
+        },
+    }
+    .explicit()?;
+    let config = Config {
+        listen: args.listen,
+        data_dir: args.key.data.data_dir,
+        database,
+        master_key_file: args.key.master_key_file,
+        cache_ttl: Duration::from_secs(args.cache_ttl),
+        cache_capacity: args.cache_capacity,
+        request_timeout: Duration::from_secs(args.request_timeout),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+    };
+    let app = Application::build(config).await?;
+    app.run_until_stopped(startup::shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,239 @@
+//! Service configuration and where the master key comes from (SPEC §1, §4).
+//!
+//! The master key is looked up in a fixed order: an explicit key file, then a key embedded in
+//! the binary at build time, then `<data dir>/master.key`, generated (mode 0600) when absent.
+//! There is no built-in default key.
+
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::credential::MasterKey;
+use crate::store::DatabaseTarget;
+
+/// A master key embedded at build time (`CREDGATE_EMBEDDED_MASTER_KEY`, checked by build.rs).
+const EMBEDDED_MASTER_KEY: Option<&str> = option_env!("CREDGATE_EMBEDDED_MASTER_KEY");
+
+/// Name of the generated key file inside the data dir.
+pub const MASTER_KEY_FILE_NAME: &str = "master.key";
+
+/// Default data dir, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "./credgate-data";
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free one).
+    pub listen: SocketAddr,
+    /// Holds the default SQLite file and the generated master key.
+    pub data_dir: PathBuf,
+    /// The database; `None` means `<data dir>/credgate.db`.
+    pub database: Option<DatabaseTarget>,
+    /// Explicit master key file; takes precedence over every other source.
+    pub master_key_file: Option<PathBuf>,
+    /// How long a positive authentication is cached; zero disables the cache.
+    pub cache_ttl: Duration,
+    /// Most cached credentials.
+    pub cache_capacity: u64,
+    /// Longest a request may take, body upload included.
+    pub request_timeout: Duration,
+    /// Longest a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Longest in-flight requests may run after a shutdown signal.
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults from SPEC §2 and §5, with the given data dir.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            data_dir: data_dir.into(),
+            database: None,
+            master_key_file: None,
+            cache_ttl: Duration::from_secs(300),
+            cache_capacity: 100_000,
+            request_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The database this configuration names.
+    pub fn database_target(&self) -> DatabaseTarget {
+        self.database
+            .clone()
+            .unwrap_or_else(|| DatabaseTarget::default_in(&self.data_dir))
+    }
+}
+
+/// Where the master key in use came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `--master-key-file` / `CREDGATE_MASTER_KEY_FILE`.
+    File(PathBuf),
+    /// Embedded in the binary at build time.
+    Embedded,
+    /// `<data dir>/master.key`; `true` when it was generated just now.
+    DataDir(PathBuf, bool),
+}
+
+/// Loads the master key from the first source that applies.
+pub fn load_master_key(
+    file: Option<&Path>,
+    data_dir: &Path,
+) -> anyhow::Result<(MasterKey, KeySource)> {
+    resolve_master_key(
+        file,
+        EMBEDDED_MASTER_KEY.filter(|k| !k.is_empty()),
+        data_dir,
+    )
+}
+
+fn resolve_master_key(
+    file: Option<&Path>,
+    embedded: Option<&str>,
+    data_dir: &Path,
+) -> anyhow::Result<(MasterKey, KeySource)> {
+    if let Some(path) = file {
+        let key = read_key_file(path)?;
+        return Ok((key, KeySource::File(path.to_owned())));
+    }
+    if let Some(hex) = embedded {
+        let key = MasterKey::from_hex(hex).context("the master key embedded at build time")?;
+        return Ok((key, KeySource::Embedded));
+    }
+    let path = data_dir.join(MASTER_KEY_FILE_NAME);
+    match fs::metadata(&path) {
+        Ok(_) => Ok((read_key_file(&path)?, KeySource::DataDir(path, false))),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let (key, created) = create_key_file(&path)?;
+            Ok((key, KeySource::DataDir(path, created)))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read master key file {}", path.display())),
+    }
+}
+
+fn read_key_file(path: &Path) -> anyhow::Result<MasterKey> {
+    let text = fs::read_to_string(path)
+        .with_context(|| format!("cannot read master key file {}", path.display()))?;
+    let key = MasterKey::from_hex(&text)
+        .with_context(|| format!("malformed master key file {}", path.display()))?;
+    if let Ok(meta) = fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), "master key file is readable by group or others; chmod 600 it");
+    }
+    Ok(key)
+}
+
+/// Creates the data dir (0700) when needed.
+pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))
+}
+
+/// Writes a fresh key to `path` without ever clobbering one: written to a private temp
+/// file, synced, then hard-linked into place. If another process won the race, its key is
+/// used. Returns the key and whether this call created it.
+fn create_key_file(path: &Path) -> anyhow::Result<(MasterKey, bool)> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    ensure_data_dir(dir)?;
+    let key = MasterKey::generate();
+    let tmp = dir.join(format!(
+        ".{MASTER_KEY_FILE_NAME}.{}.tmp",
+        std::process::id()
+    ));
+    write_private(&tmp, key.to_hex_line().as_bytes())?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Ok(d) = fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok((key, true))
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok((read_key_file(path)?, false)),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot create master key file {}", path.display()))
+        }
+    }
+}
+
+/// Creates `path` with mode 0600, refusing to overwrite, and syncs it.
+pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX_A: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+    const HEX_B: &str = "ffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100";
+
+    #[test]
+    fn explicit_file_wins_over_embedded_and_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k");
+        fs::write(&file, format!("{HEX_A}\n")).unwrap();
+        let (key, source) = resolve_master_key(Some(&file), Some(HEX_B), dir.path()).unwrap();
+        assert_eq!(key, MasterKey::from_hex(HEX_A).unwrap());
+        assert_eq!(source, KeySource::File(file));
+        assert!(!dir.path().join(MASTER_KEY_FILE_NAME).exists());
+    }
+
+    #[test]
+    fn embedded_wins_over_data_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, source) = resolve_master_key(None, Some(HEX_B), dir.path()).unwrap();
+        assert_eq!(key, MasterKey::from_hex(HEX_B).unwrap());
+        assert_eq!(source, KeySource::Embedded);
+        assert!(resolve_master_key(None, Some("abc"), dir.path()).is_err());
+    }
+
+    #[test]
+    fn data_dir_key_is_generated_once_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("nested/data");
+        let (first, source) = resolve_master_key(None, None, &data).unwrap();
+        let path = data.join(MASTER_KEY_FILE_NAME);
+        assert_eq!(source, KeySource::DataDir(path.clone(), true));
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (second, source) = resolve_master_key(None, None, &data).unwrap();
+        assert_eq!(first, second);
+        assert_eq!(source, KeySource::DataDir(path, false));
+        // No temp file left behind.
+        assert_eq!(fs::read_dir(&data).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn bad_key_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let err = resolve_master_key(Some(&missing), None, dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot read master key file"));
+        let bad = dir.path().join("bad");
+        fs::write(&bad, "not hex").unwrap();
+        let err = resolve_master_key(Some(&bad), None, dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("malformed master key file"));
+    }
+}

@@ -1,0 +1,386 @@
+//! Credential formats and the secret derivation (SPEC §1).
+//!
+//! `ApiKey` and `ApiSecret` are parsed once at the edge; everything past the edge works with
+//! values that are known to be well formed. `SecretDeriver` turns the master key into the
+//! HMAC key `K` and checks (or mints) secrets in constant time.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hkdf::Hkdf;
+use hmac::{Hmac, KeyInit, Mac};
+use rand::RngExt as _;
+use rand::distr::Alphanumeric;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+// Never change these prefixes: every issued credential carries them.
+/// Prefix of every api_key.
+pub const KEY_PREFIX: &str = "ak_";
+/// Prefix of every api_secret.
+pub const SECRET_PREFIX: &str = "sk_";
+
+const KEY_MIN_CHARS: usize = 16;
+const KEY_MAX_CHARS: usize = 64;
+/// Characters `issue` puts after `ak_`: 32 base62 characters carry more than 190 bits.
+const MINTED_KEY_CHARS: usize = 32;
+/// base64url without padding of 32 bytes.
+const SECRET_CHARS: usize = 43;
+
+const HKDF_SALT: &[u8] = b"credgate/v1";
+const HKDF_INFO: &[u8] = b"api-secret-derivation";
+
+/// Why a presented key or secret is not well formed. The text is safe to show a caller:
+/// it never contains the presented value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The value is empty.
+    #[error("must not be empty")]
+    Empty,
+    /// The value does not start with the expected prefix.
+    #[error("must start with \"{0}\"")]
+    Prefix(&'static str),
+    /// The value has the wrong number of characters after its prefix.
+    #[error("must have {0} characters after the prefix")]
+    Length(&'static str),
+    /// The value contains characters outside its alphabet.
+    #[error("must contain only {0}")]
+    Alphabet(&'static str),
+    /// The secret decodes, but is not the canonical encoding of its bytes.
+    #[error("is not a canonical base64url encoding")]
+    NotCanonical,
+}
+
+/// A well-formed api_key (`ak_` + 16..64 characters `[A-Za-z0-9]`). Public: it identifies.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Parses a presented api_key.
+    pub fn parse(raw: &str) -> Result<Self, FormatError> {
+        if raw.is_empty() {
+            return Err(FormatError::Empty);
+        }
+        let body = raw
+            .strip_prefix(KEY_PREFIX)
+            .ok_or(FormatError::Prefix(KEY_PREFIX))?;
+        if !(KEY_MIN_CHARS..=KEY_MAX_CHARS).contains(&body.len()) {
+            return Err(FormatError::Length("16 to 64"));
+        }
+        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(FormatError::Alphabet("the characters A-Z, a-z and 0-9"));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// Mints a fresh random key: `ak_` + 32 base62 characters from a CSPRNG.
+    pub fn generate() -> Self {
+        let body: String = rand::rng()
+            .sample_iter(Alphanumeric)
+            .take(MINTED_KEY_CHARS)
+            .map(char::from)
+            .collect();
+        Self(format!("{KEY_PREFIX}{body}"))
+    }
+
+    /// The key as presented, prefix included.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key as an owned string.
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKey({})", self.0)
+    }
+}
+
+/// A well-formed api_secret: the 32 bytes behind a canonical `sk_` + base64url string.
+///
+/// Neither `Debug` nor any other formatting prints the secret; use [`ApiSecret::expose`]
+/// where showing it is the point (minting).
+#[derive(Clone)]
+pub struct ApiSecret([u8; 32]);
+
+impl ApiSecret {
+    /// Parses a presented api_secret, refusing any non-canonical encoding.
+    pub fn parse(raw: &str) -> Result<Self, FormatError> {
+        if raw.is_empty() {
+            return Err(FormatError::Empty);
+        }
+        let body = raw
+            .strip_prefix(SECRET_PREFIX)
+            .ok_or(FormatError::Prefix(SECRET_PREFIX))?;
+        if body.len() != SECRET_CHARS {
+            return Err(FormatError::Length("43"));
+        }
+        if !body
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(FormatError::Alphabet("base64url characters"));
+        }
+        // The engine rejects set trailing bits, so only the canonical encoding decodes.
+        let mut bytes = [0u8; 32];
+        match URL_SAFE_NO_PAD.decode_slice(body, &mut bytes) {
+            Ok(32) => Ok(Self(bytes)),
+            _ => Err(FormatError::NotCanonical),
+        }
+    }
+
+    /// The secret in its canonical string form. Only for showing it to its owner.
+    pub fn expose(&self) -> String {
+        format!("{SECRET_PREFIX}{}", URL_SAFE_NO_PAD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for ApiSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiSecret(<redacted>)")
+    }
+}
+
+/// The deployment's 32-byte master key. `Debug` prints no key material.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MasterKey([u8; 32]);
+
+/// Why master key text could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "a master key must be 64 hexadecimal characters (32 bytes), optionally followed by a newline"
+)]
+pub struct MasterKeyFormatError;
+
+impl MasterKey {
+    /// Wraps raw key bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// Generates a new random master key from a CSPRNG.
+    pub fn generate() -> Self {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill(&mut bytes);
+        Self(bytes)
+    }
+
+    /// Parses the key file form: 64 hex characters, a trailing newline allowed.
+    pub fn from_hex(text: &str) -> Result<Self, MasterKeyFormatError> {
+        let text = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(text);
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| MasterKeyFormatError)?;
+        Ok(Self(bytes))
+    }
+
+    /// The key file form: 64 lowercase hex characters and a newline.
+    pub fn to_hex_line(&self) -> String {
+        format!("{}\n", hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+/// Derives and verifies secrets: `HMAC-SHA256(K, api_key)` with `K` from HKDF (SPEC §1).
+#[derive(Clone)]
+pub struct SecretDeriver {
+    /// HMAC keyed with `K`, cloned per derivation so the key schedule is computed once.
+    mac: Hmac<Sha256>,
+}
+
+impl SecretDeriver {
+    /// Builds the deriver for a master key.
+    pub fn new(master: &MasterKey) -> Self {
+        let k = derive_k(master);
+        // HMAC accepts keys of any length, so this cannot fail for 32 bytes.
+        let mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(&k) {
+            Ok(mac) => mac,
+            Err(_) => unreachable!("HMAC takes keys of any length"),
+        };
+        Self { mac }
+    }
+
+    /// The secret that belongs to `key`.
+    pub fn secret_for(&self, key: &ApiKey) -> ApiSecret {
+        let mut mac = self.mac.clone();
+        mac.update(key.as_str().as_bytes());
+        ApiSecret(mac.finalize().into_bytes().into())
+    }
+
+    /// Whether `secret` is the derivation of `key`, compared in constant time.
+    pub fn verify(&self, key: &ApiKey, secret: &ApiSecret) -> bool {
+        self.secret_for(key).0.ct_eq(&secret.0).into()
+    }
+}
+
+impl fmt::Debug for SecretDeriver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretDeriver(<redacted>)")
+    }
+}
+
+fn derive_k(master: &MasterKey) -> [u8; 32] {
+    let hk = Hkdf::<Sha256>::new(Some(HKDF_SALT), &master.0);
+    let mut k = [0u8; 32];
+    // 32 bytes is far below HKDF-SHA256's 8160-byte output limit.
+    if hk.expand(HKDF_INFO, &mut k).is_err() {
+        unreachable!("32 bytes is a valid HKDF-SHA256 output length");
+    }
+    k
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vector_master() -> MasterKey {
+        let mut bytes = [0u8; 32];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        MasterKey::from_bytes(bytes)
+    }
+
+    #[test]
+    fn hkdf_k_matches_spec() {
+        assert_eq!(
+            hex::encode(derive_k(&vector_master())),
+            "21dbd00309346c3c8006f8fe840fdcfb224f901676413bd6e1311c4eba6a1f3e"
+        );
+    }
+
+    #[test]
+    fn derivation_matches_spec_vectors() {
+        let d = SecretDeriver::new(&vector_master());
+        for (key, secret) in [
+            (
+                "ak_0123456789abcdefghijklmnopqrstuv",
+                "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo",
+            ),
+            (
+                "ak_TestVector2Example00000000000000",
+                "sk_AttoQ3O3D2-1LdMUKU1eUv62IMFAeDYMQn_JFYhrSlw",
+            ),
+        ] {
+            let key = ApiKey::parse(key).unwrap();
+            assert_eq!(d.secret_for(&key).expose(), secret);
+            assert!(d.verify(&key, &ApiSecret::parse(secret).unwrap()));
+        }
+    }
+
+    #[test]
+    fn verify_rejects_other_keys_secret_and_other_master() {
+        let d = SecretDeriver::new(&vector_master());
+        let a = ApiKey::parse("ak_0123456789abcdefghijklmnopqrstuv").unwrap();
+        let b = ApiKey::parse("ak_TestVector2Example00000000000000").unwrap();
+        assert!(!d.verify(&a, &d.secret_for(&b)));
+        let other = SecretDeriver::new(&MasterKey::from_bytes([7; 32]));
+        assert!(!d.verify(&a, &other.secret_for(&a)));
+    }
+
+    #[test]
+    fn key_parsing() {
+        assert!(ApiKey::parse(&format!("ak_{}", "a".repeat(16))).is_ok());
+        assert!(ApiKey::parse(&format!("ak_{}", "Z9".repeat(32))).is_ok());
+        assert_eq!(ApiKey::parse(""), Err(FormatError::Empty));
+        assert_eq!(
+            ApiKey::parse("sk_0123456789abcdefghij"),
+            Err(FormatError::Prefix("ak_"))
+        );
+        assert!(matches!(
+            ApiKey::parse(&format!("ak_{}", "a".repeat(15))),
+            Err(FormatError::Length(_))
+        ));
+        assert!(matches!(
+            ApiKey::parse(&format!("ak_{}", "a".repeat(65))),
+            Err(FormatError::Length(_))
+        ));
+        assert!(matches!(
+            ApiKey::parse("ak_0123456789abcdef-"),
+            Err(FormatError::Alphabet(_))
+        ));
+        // Multi-byte characters are refused, never sliced.
+        assert!(ApiKey::parse("ak_0123456789abcdeé").is_err());
+        assert!(ApiKey::parse("AK_0123456789abcdefgh").is_err());
+    }
+
+    #[test]
+    fn generated_keys_are_well_formed_and_distinct() {
+        let a = ApiKey::generate();
+        let b = ApiKey::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 3 + 32);
+        assert_eq!(ApiKey::parse(a.as_str()), Ok(a));
+    }
+
+    #[test]
+    fn secret_parsing_and_canonical_encoding() {
+        let good = "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo";
+        assert!(ApiSecret::parse(good).is_ok());
+        // Last char 'o' carries two unused low bits equal to zero; 'p' sets one of them and
+        // decodes to the same bytes under a lenient decoder.
+        let non_canonical = "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOp";
+        assert_eq!(
+            ApiSecret::parse(non_canonical).map(|_| ()),
+            Err(FormatError::NotCanonical)
+        );
+        assert_eq!(ApiSecret::parse("").map(|_| ()), Err(FormatError::Empty));
+        assert_eq!(
+            ApiSecret::parse("ak_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo").map(|_| ()),
+            Err(FormatError::Prefix("sk_"))
+        );
+        assert!(matches!(
+            ApiSecret::parse(&good[..good.len() - 1]),
+            Err(FormatError::Length(_))
+        ));
+        assert!(matches!(
+            ApiSecret::parse(&format!("{good}=")),
+            Err(FormatError::Length(_))
+        ));
+        assert!(matches!(
+            ApiSecret::parse("sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHv+o"),
+            Err(FormatError::Alphabet(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = ApiSecret::parse("sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo").unwrap();
+        assert!(!format!("{s:?}").contains("x3WI"));
+        assert!(!format!("{:?}", vector_master()).contains("0001"));
+    }
+
+    #[test]
+    fn master_key_hex() {
+        let hex_text = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+        assert_eq!(MasterKey::from_hex(hex_text), Ok(vector_master()));
+        assert_eq!(
+            MasterKey::from_hex(&format!("{hex_text}\n")),
+            Ok(vector_master())
+        );
+        assert_eq!(vector_master().to_hex_line(), format!("{hex_text}\n"));
+        assert!(MasterKey::from_hex(&hex_text[2..]).is_err());
+        assert!(MasterKey::from_hex(&format!("{hex_text}\n\n")).is_err());
+        assert!(MasterKey::from_hex(&format!("{hex_text}00")).is_err());
+        assert!(MasterKey::from_hex(&hex_text.replace('0', "g")).is_err());
+        assert!(MasterKey::from_hex("").is_err());
+    }
+}

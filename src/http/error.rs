@@ -1,0 +1,117 @@
+//! The one error type of the HTTP API: a stable machine `code`, a status, and the
+//! `{"error": {"code", "message"}}` body SPEC §2 fixes for every error.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::store::StoreError;
+
+/// Every error the API answers with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: a field or parameter is missing or malformed.
+    #[error("{0}")]
+    InvalidField(String),
+    /// 401: authentication failed, for whatever reason.
+    #[error("missing or invalid credentials")]
+    Unauthorized,
+    /// 403: a well-formed pair whose secret is not the derivation of its key.
+    #[error("api_secret is not valid for api_key")]
+    InvalidCredential,
+    /// 404: the credential is unknown (or, on revoke, already revoked).
+    #[error("credential not found")]
+    CredentialNotFound,
+    /// 404: no such route.
+    #[error("no such route")]
+    NotFound,
+    /// 405: the route exists, the method does not.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// 408: the request took longer than the per-request timeout.
+    #[error("request timed out")]
+    Timeout,
+    /// 409: the key is registered already (active or revoked).
+    #[error("api_key is already registered")]
+    DuplicateApiKey,
+    /// 413: the body is over the limit.
+    #[error("request body is larger than 65536 bytes")]
+    PayloadTooLarge,
+    /// 415: the body is not declared as JSON.
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    /// 500: something failed on our side; the cause is logged, not shown.
+    #[error("internal error")]
+    Internal,
+    /// 503: the database does not answer.
+    #[error("database unavailable")]
+    NotReady,
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidField(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::InvalidCredential => StatusCode::FORBIDDEN,
+            Self::CredentialNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::DuplicateApiKey => StatusCode::CONFLICT,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable machine code. Never change one: clients match on them.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidField(_) => "INVALID_FIELD",
+            Self::Unauthorized => "UNAUTHORIZED",
+            Self::InvalidCredential => "INVALID_CREDENTIAL",
+            Self::CredentialNotFound => "CREDENTIAL_NOT_FOUND",
+            Self::NotFound => "NOT_FOUND",
+            Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
+            Self::Timeout => "REQUEST_TIMEOUT",
+            Self::DuplicateApiKey => "DUPLICATE_API_KEY",
+            Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Self::Internal => "INTERNAL_ERROR",
+            Self::NotReady => "NOT_READY",
+        }
+    }
+
+    /// A 400 for a named field.
+    pub fn field(name: &str, problem: impl std::fmt::Display) -> Self {
+        Self::InvalidField(format!("{name} {problem}"))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "request failed on the database");
+        Self::Internal
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::Rejected => Self::Unauthorized,
+            // Logged where it happened, with the key.
+            AuthError::Store(_) => Self::Internal,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        (self.status(), Json(body)).into_response()
+    }
+}

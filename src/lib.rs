@@ -1,0 +1,27 @@
+//! credgate: a self-hosted API credential service.
+//!
+//! A credential is a pair (`ak_…` key, `sk_…` secret) where the secret is an HMAC derivation
+//! of the key under the deployment's master key, so a pair proves itself without a database.
+//! Where a request goes:
+//!
+//! - [`startup`] builds the [`Application`] from a [`Config`]: master key, store, cache,
+//!   router, and runs it with graceful shutdown.
+//! - [`http`] holds the router, the middleware stack and the handlers, with one error type.
+//! - [`auth`] authenticates a request: form → derivation → cache → database.
+//! - [`credential`] parses keys and secrets and does the derivation.
+//! - [`store`] is the storage seam (`CredentialStore`) and its SQLite backend.
+//! - [`config`] holds the configuration and the master key sources.
+//! - [`telemetry`] sets up logs and the Prometheus metrics.
+//! - [`cli`] is the `credgate` command line, one module per subcommand.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod credential;
+pub mod http;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use startup::Application;

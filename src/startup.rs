@@ -1,0 +1,187 @@
+//! Building and running the service: [`Application::build`] turns a [`Config`] into a bound
+//! listener plus the router and its background tasks; `main` and every test use it, so tests
+//! run exactly what ships.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::auth::{Authenticator, CacheSettings};
+use crate::config::{self, Config, KeySource};
+use crate::credential::SecretDeriver;
+use crate::http::{self, AppState};
+use crate::store::{self, CredentialStore, DatabaseTarget, InvalidationSink};
+use crate::telemetry::Metrics;
+
+/// A built service, bound and ready to run.
+pub struct Application {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    header_read_timeout: Duration,
+    shutdown_timeout: Duration,
+    /// Background tasks (the change watcher), aborted when the application stops.
+    tasks: Vec<AbortOnDrop>,
+}
+
+/// Aborts a background task when dropped, so none outlives its application.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Application {
+    /// Loads the master key, opens and migrates the database, and binds the listener.
+    /// Any failure here is a configuration problem and stops start-up.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let (master, source) =
+            config::load_master_key(config.master_key_file.as_deref(), &config.data_dir)?;
+        match &source {
+            KeySource::DataDir(path, true) => {
+                tracing::info!(path = %path.display(), "generated a new master key")
+            }
+            source => tracing::info!(?source, "master key loaded"),
+        }
+        let target = config.database_target();
+        if let DatabaseTarget::Sqlite(path) = &target
+            && config.database.is_none()
+        {
+            config::ensure_data_dir(path.parent().unwrap_or(&config.data_dir))?;
+        }
+        let metrics = Metrics::new()?;
+        let store = store::open(&target, metrics.clone()).await?;
+        let auth = Authenticator::new(
+            SecretDeriver::new(&master),
+            store.clone(),
+            CacheSettings {
+                ttl: config.cache_ttl,
+                capacity: config.cache_capacity,
+            },
+            metrics.clone(),
+        );
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let state = AppState {
+            auth: auth.clone(),
+            store: store.clone(),
+            metrics,
+        };
+        let tasks = vec![spawn_watcher(store, auth)];
+        Ok(Self {
+            router: http::router(state.clone(), config.request_timeout),
+            state,
+            listener,
+            header_read_timeout: config.header_read_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+            tasks,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state (store, authenticator, metrics), for embedding and tests.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// for at most the shutdown timeout, and returns.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            router,
+            header_read_timeout,
+            shutdown_timeout,
+            tasks,
+            state,
+        } = self;
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout);
+        let graceful = GracefulShutdown::new();
+        tracing::info!(addr = %listener.local_addr()?, "credgate listening on {}", listener.local_addr()?);
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Typically out of file descriptors: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = stream.set_nodelay(true);
+                    let service = TowerToHyperService::new(router.clone());
+                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                    });
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        drop(listener);
+        tracing::info!("shutting down: finishing in-flight requests");
+        if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests did not finish in time; closing them");
+        }
+        drop(tasks);
+        drop(state);
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn spawn_watcher(store: Arc<dyn CredentialStore>, auth: Authenticator) -> AbortOnDrop {
+    let sink: Arc<dyn InvalidationSink> = Arc::new(auth);
+    AbortOnDrop(tokio::spawn(async move { store.watch_changes(sink).await }))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received"),
+        () = terminate => tracing::info!("SIGTERM received"),
+    }
+}

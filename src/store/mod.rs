@@ -1,0 +1,199 @@
+//! The storage seam: the `CredentialStore` trait that HTTP handlers and the authenticator
+//! talk to, and the backends behind it. Handlers never see SQL; a backend is chosen once,
+//! from the database URL, by [`open`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use crate::credential::ApiKey;
+use crate::telemetry::Metrics;
+
+pub mod sqlite;
+
+/// A credential as stored: never a secret, never a hash of one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CredentialRecord {
+    /// The public key.
+    pub api_key: String,
+    /// False once revoked; never true again.
+    pub active: bool,
+    /// When it was registered.
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked, if it was.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// The key that revoked it; none for a revocation made in the database directly.
+    pub revoked_by: Option<String>,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+}
+
+fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// What a lookup found for a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Registered and not revoked.
+    Active,
+    /// Registered and revoked.
+    Revoked,
+    /// Never registered.
+    Unknown,
+}
+
+/// Result of a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registration {
+    /// The key was stored, durably.
+    Created,
+    /// The key was already stored (active or revoked); nothing changed.
+    Duplicate,
+}
+
+/// Result of a revocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Revocation {
+    /// This call revoked the key, durably.
+    Revoked,
+    /// The key is unknown or was already revoked; nothing changed.
+    NotFound,
+}
+
+/// A page request for [`CredentialStore::list`].
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    /// Only keys sorting after this one.
+    pub after: Option<ApiKey>,
+    /// Only active (true) or revoked (false) credentials.
+    pub active: Option<bool>,
+    /// At most this many records.
+    pub limit: u32,
+}
+
+/// A database failure. The message goes to logs, never to a caller.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("database error: {0}")]
+pub struct StoreError(pub Arc<str>);
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self(e.to_string().into())
+    }
+}
+
+/// Receives cache invalidations from a backend's change watcher.
+#[async_trait]
+pub trait InvalidationSink: Send + Sync + 'static {
+    /// `key` changed (revoked or removed) in the database.
+    async fn invalidate(&self, key: &str);
+    /// Changes may have been missed: forget everything.
+    async fn invalidate_all(&self);
+}
+
+/// Where credentials live. One implementation per database; all share this contract.
+#[async_trait]
+pub trait CredentialStore: Send + Sync + 'static {
+    /// Stores a new active credential. Exactly one of concurrent calls for a key gets `Created`.
+    async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError>;
+
+    /// Revokes an active credential, recording who did it. Exactly one of concurrent calls
+    /// for a key gets `Revoked`.
+    async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError>;
+
+    /// The state of a key, for authentication.
+    async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError>;
+
+    /// One credential, revoked or not.
+    async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError>;
+
+    /// A page of credentials ordered by key.
+    async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError>;
+
+    /// Whether the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Runs until dropped, telling `sink` about changes made by anyone (other instances,
+    /// direct SQL) so cached authentications do not outlive a revocation.
+    async fn watch_changes(&self, sink: Arc<dyn InvalidationSink>);
+}
+
+/// Which database a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseTarget {
+    /// An SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server.
+    Postgres(String),
+}
+
+impl DatabaseTarget {
+    /// Parses `sqlite://relative/path.db`, `sqlite:///absolute/path.db` or `postgres://…`.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("the sqlite:// URL names no file".into());
+            }
+            return Ok(Self::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Self::Postgres(url.to_owned()));
+        }
+        Err("the database URL must start with sqlite:// or postgres://".into())
+    }
+
+    /// The default: `<data dir>/credgate.db`.
+    pub fn default_in(data_dir: &Path) -> Self {
+        Self::Sqlite(data_dir.join("credgate.db"))
+    }
+}
+
+/// Opens (creating when absent) and migrates the database a target names.
+pub async fn open(
+    target: &DatabaseTarget,
+    metrics: Metrics,
+) -> anyhow::Result<Arc<dyn CredentialStore>> {
+    match target {
+        DatabaseTarget::Sqlite(path) => Ok(Arc::new(
+            sqlite::SqliteStore::open(path, sqlite::SqliteOptions::default(), metrics).await?,
+        )),
+        DatabaseTarget::Postgres(_) => {
+            anyhow::bail!("PostgreSQL is not supported by this build yet; use sqlite://")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(
+            DatabaseTarget::parse("sqlite://data/x.db"),
+            Ok(DatabaseTarget::Sqlite("data/x.db".into()))
+        );
+        assert_eq!(
+            DatabaseTarget::parse("sqlite:///var/lib/x.db"),
+            Ok(DatabaseTarget::Sqlite("/var/lib/x.db".into()))
+        );
+        assert!(matches!(
+            DatabaseTarget::parse("postgres://u@h/db"),
+            Ok(DatabaseTarget::Postgres(_))
+        ));
+        assert!(DatabaseTarget::parse("sqlite://").is_err());
+        assert!(DatabaseTarget::parse("mysql://h/db").is_err());
+        assert!(DatabaseTarget::parse("x.db").is_err());
+    }
+}

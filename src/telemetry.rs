@@ -1,0 +1,279 @@
+//! Logs and metrics: the tracing subscriber (text or JSON) and the Prometheus registry with
+//! every series SPEC §5 lists. No secret ever reaches either.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tracing_subscriber::EnvFilter;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global subscriber, writing to stderr. `level` is an `EnvFilter` directive
+/// such as `info` or `credgate=debug,sqlx=warn`. Safe to call more than once.
+pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(level)
+        .map_err(|e| anyhow::anyhow!("invalid log level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    // Already installed (tests build several applications in one process): keep the first.
+    let _ = result;
+    Ok(())
+}
+
+/// Outcome of one authentication, as counted in `credgate_auth_results_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthResult {
+    /// Authenticated.
+    Ok,
+    /// A header missing or malformed.
+    RejectedForm,
+    /// The secret is not the derivation of the key.
+    RejectedDerivation,
+    /// Well-formed pair, key never registered.
+    RejectedUnknown,
+    /// Well-formed pair, key revoked.
+    RejectedRevoked,
+    /// The database failed.
+    Error,
+}
+
+impl AuthResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::RejectedForm => "rejected_form",
+            Self::RejectedDerivation => "rejected_derivation",
+            Self::RejectedUnknown => "rejected_unknown",
+            Self::RejectedRevoked => "rejected_revoked",
+            Self::Error => "error",
+        }
+    }
+}
+
+const AUTH_RESULTS: [AuthResult; 6] = [
+    AuthResult::Ok,
+    AuthResult::RejectedForm,
+    AuthResult::RejectedDerivation,
+    AuthResult::RejectedUnknown,
+    AuthResult::RejectedRevoked,
+    AuthResult::Error,
+];
+
+/// The service's metrics. Cheap to clone: every clone feeds the same registry.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+struct Inner {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_seconds: HistogramVec,
+    /// One pre-resolved counter per outcome: the auth path does no label lookup.
+    auth: [IntCounter; 6],
+    cache_hits: IntCounter,
+    cache_misses: IntCounter,
+    cache_entries: IntGauge,
+    registrations: IntCounter,
+    revocations: IntCounter,
+    db_seconds: HistogramVec,
+}
+
+fn build() -> Result<Inner, prometheus::Error> {
+    let registry = Registry::new();
+    let requests = IntCounterVec::new(
+        Opts::new(
+            "credgate_http_requests_total",
+            "HTTP requests by route and status",
+        ),
+        &["route", "status"],
+    )?;
+    let request_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "credgate_http_request_duration_seconds",
+            "HTTP request latency by route and status",
+        )
+        .buckets(vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5,
+        ]),
+        &["route", "status"],
+    )?;
+    let auth_vec = IntCounterVec::new(
+        Opts::new(
+            "credgate_auth_results_total",
+            "Authentication outcomes by result",
+        ),
+        &["result"],
+    )?;
+    let auth = AUTH_RESULTS.map(|r| auth_vec.with_label_values(&[r.label()]));
+    let cache_hits = IntCounter::new(
+        "credgate_auth_cache_hits_total",
+        "Authentication cache hits",
+    )?;
+    let cache_misses = IntCounter::new(
+        "credgate_auth_cache_misses_total",
+        "Authentication cache misses",
+    )?;
+    let cache_entries = IntGauge::new(
+        "credgate_auth_cache_entries",
+        "Credentials in the authentication cache",
+    )?;
+    let registrations = IntCounter::new("credgate_registrations_total", "Credentials registered")?;
+    let revocations = IntCounter::new("credgate_revocations_total", "Credentials revoked")?;
+    let db_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "credgate_db_query_duration_seconds",
+            "Database query latency by operation",
+        )
+        .buckets(vec![
+            0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+            1.0,
+        ]),
+        &["op"],
+    )?;
+    registry.register(Box::new(requests.clone()))?;
+    registry.register(Box::new(request_seconds.clone()))?;
+    registry.register(Box::new(auth_vec))?;
+    registry.register(Box::new(cache_hits.clone()))?;
+    registry.register(Box::new(cache_misses.clone()))?;
+    registry.register(Box::new(cache_entries.clone()))?;
+    registry.register(Box::new(registrations.clone()))?;
+    registry.register(Box::new(revocations.clone()))?;
+    registry.register(Box::new(db_seconds.clone()))?;
+    Ok(Inner {
+        registry,
+        requests,
+        request_seconds,
+        auth,
+        cache_hits,
+        cache_misses,
+        cache_entries,
+        registrations,
+        revocations,
+        db_seconds,
+    })
+}
+
+impl Metrics {
+    /// A fresh registry with every series registered.
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self(Arc::new(build().map_err(|e| {
+            anyhow::anyhow!("cannot build metrics registry: {e}")
+        })?)))
+    }
+
+    /// Counts one finished HTTP request.
+    pub fn observe_request(&self, route: &str, status: u16, started: Instant) {
+        let buf = itoa_status(status);
+        let status = std::str::from_utf8(&buf).unwrap_or("0");
+        self.0.requests.with_label_values(&[route, status]).inc();
+        self.0
+            .request_seconds
+            .with_label_values(&[route, status])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts one authentication outcome.
+    pub fn auth(&self, result: AuthResult) {
+        let i = AUTH_RESULTS.iter().position(|r| *r == result).unwrap_or(5);
+        self.0.auth[i].inc();
+    }
+
+    /// Counts a cache hit.
+    pub fn cache_hit(&self) {
+        self.0.cache_hits.inc();
+    }
+
+    /// Counts a cache miss.
+    pub fn cache_miss(&self) {
+        self.0.cache_misses.inc();
+    }
+
+    /// Sets the cache size gauge.
+    pub fn set_cache_entries(&self, n: u64) {
+        self.0
+            .cache_entries
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a registration.
+    pub fn registered(&self) {
+        self.0.registrations.inc();
+    }
+
+    /// Counts a revocation.
+    pub fn revoked(&self) {
+        self.0.revocations.inc();
+    }
+
+    /// Records the latency of one database operation.
+    pub fn observe_db(&self, op: &str, started: Instant) {
+        self.0
+            .db_seconds
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.0.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+fn itoa_status(status: u16) -> [u8; 3] {
+    let s = status.min(999);
+    [
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series() {
+        let m = Metrics::new().unwrap();
+        m.observe_request("/health", 200, Instant::now());
+        m.auth(AuthResult::RejectedRevoked);
+        m.observe_db("state", Instant::now());
+        let text = m.render();
+        for series in [
+            "credgate_http_requests_total{route=\"/health\",status=\"200\"} 1",
+            "credgate_http_request_duration_seconds_bucket",
+            "credgate_auth_results_total{result=\"rejected_revoked\"} 1",
+            "credgate_auth_results_total{result=\"ok\"} 0",
+            "credgate_auth_cache_hits_total 0",
+            "credgate_auth_cache_misses_total 0",
+            "credgate_auth_cache_entries 0",
+            "credgate_registrations_total 0",
+            "credgate_revocations_total 0",
+            "credgate_db_query_duration_seconds_count{op=\"state\"} 1",
+        ] {
+            assert!(text.contains(series), "missing {series} in\n{text}");
+        }
+    }
+}
