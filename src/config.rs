@@ -83,15 +83,26 @@ pub enum KeySource {
     DataDir(PathBuf, bool),
 }
 
+/// Whether a missing `<data dir>/master.key` may be generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenMissing {
+    /// Generate it (`serve`, `issue`): a fresh serve and a fresh issue then agree.
+    Generate,
+    /// Fail (`verify`): checking against a key made up just now would mean nothing.
+    Fail,
+}
+
 /// Loads the master key from the first source that applies.
 pub fn load_master_key(
     file: Option<&Path>,
     data_dir: &Path,
+    missing: WhenMissing,
 ) -> anyhow::Result<(MasterKey, KeySource)> {
     resolve_master_key(
         file,
         EMBEDDED_MASTER_KEY.filter(|k| !k.is_empty()),
         data_dir,
+        missing,
     )
 }
 
@@ -99,6 +110,7 @@ fn resolve_master_key(
     file: Option<&Path>,
     embedded: Option<&str>,
     data_dir: &Path,
+    missing: WhenMissing,
 ) -> anyhow::Result<(MasterKey, KeySource)> {
     if let Some(path) = file {
         let key = read_key_file(path)?;
@@ -111,6 +123,12 @@ fn resolve_master_key(
     let path = data_dir.join(MASTER_KEY_FILE_NAME);
     match fs::metadata(&path) {
         Ok(_) => Ok((read_key_file(&path)?, KeySource::DataDir(path, false))),
+        Err(e) if e.kind() == ErrorKind::NotFound && missing == WhenMissing::Fail => {
+            anyhow::bail!(
+                "no master key: {} does not exist (give --master-key-file)",
+                path.display()
+            )
+        }
         Err(e) if e.kind() == ErrorKind::NotFound => {
             let (key, created) = create_key_file(&path)?;
             Ok((key, KeySource::DataDir(path, created)))
@@ -194,7 +212,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k");
         fs::write(&file, format!("{HEX_A}\n")).unwrap();
-        let (key, source) = resolve_master_key(Some(&file), Some(HEX_B), dir.path()).unwrap();
+        let (key, source) =
+            resolve_master_key(Some(&file), Some(HEX_B), dir.path(), WhenMissing::Generate)
+                .unwrap();
         assert_eq!(key, MasterKey::from_hex(HEX_A).unwrap());
         assert_eq!(source, KeySource::File(file));
         assert!(!dir.path().join(MASTER_KEY_FILE_NAME).exists());
@@ -203,22 +223,24 @@ mod tests {
     #[test]
     fn embedded_wins_over_data_dir() {
         let dir = tempfile::tempdir().unwrap();
-        let (key, source) = resolve_master_key(None, Some(HEX_B), dir.path()).unwrap();
+        let (key, source) =
+            resolve_master_key(None, Some(HEX_B), dir.path(), WhenMissing::Generate).unwrap();
         assert_eq!(key, MasterKey::from_hex(HEX_B).unwrap());
         assert_eq!(source, KeySource::Embedded);
-        assert!(resolve_master_key(None, Some("abc"), dir.path()).is_err());
+        assert!(resolve_master_key(None, Some("abc"), dir.path(), WhenMissing::Generate).is_err());
     }
 
     #[test]
     fn data_dir_key_is_generated_once_with_mode_0600() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("nested/data");
-        let (first, source) = resolve_master_key(None, None, &data).unwrap();
+        let (first, source) = resolve_master_key(None, None, &data, WhenMissing::Generate).unwrap();
         let path = data.join(MASTER_KEY_FILE_NAME);
         assert_eq!(source, KeySource::DataDir(path.clone(), true));
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let (second, source) = resolve_master_key(None, None, &data).unwrap();
+        let (second, source) =
+            resolve_master_key(None, None, &data, WhenMissing::Generate).unwrap();
         assert_eq!(first, second);
         assert_eq!(source, KeySource::DataDir(path, false));
         // No temp file left behind.
@@ -229,11 +251,16 @@ mod tests {
     fn bad_key_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing");
-        let err = resolve_master_key(Some(&missing), None, dir.path()).unwrap_err();
+        let err = resolve_master_key(Some(&missing), None, dir.path(), WhenMissing::Generate)
+            .unwrap_err();
         assert!(format!("{err:#}").contains("cannot read master key file"));
         let bad = dir.path().join("bad");
         fs::write(&bad, "not hex").unwrap();
-        let err = resolve_master_key(Some(&bad), None, dir.path()).unwrap_err();
+        let err =
+            resolve_master_key(Some(&bad), None, dir.path(), WhenMissing::Generate).unwrap_err();
         assert!(format!("{err:#}").contains("malformed master key file"));
+        let err = resolve_master_key(None, None, dir.path(), WhenMissing::Fail).unwrap_err();
+        assert!(format!("{err:#}").contains("no master key"));
+        assert!(!dir.path().join(MASTER_KEY_FILE_NAME).exists());
     }
 }

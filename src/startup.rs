@@ -46,14 +46,11 @@ impl Application {
     /// Loads the master key, opens and migrates the database, and binds the listener.
     /// Any failure here is a configuration problem and stops start-up.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let (master, source) =
-            config::load_master_key(config.master_key_file.as_deref(), &config.data_dir)?;
-        match &source {
-            KeySource::DataDir(path, true) => {
-                tracing::info!(path = %path.display(), "generated a new master key")
-            }
-            source => tracing::info!(?source, "master key loaded"),
-        }
+        let (master, source) = config::load_master_key(
+            config.master_key_file.as_deref(),
+            &config.data_dir,
+            config::WhenMissing::Generate,
+        )?;
         let target = config.database_target();
         if let DatabaseTarget::Sqlite(path) = &target
             && config.database.is_none()
@@ -80,6 +77,13 @@ impl Application {
             metrics,
         };
         let tasks = vec![spawn_watcher(store, auth)];
+        // Logged only now, so a failed start-up prints nothing but its one error line.
+        match &source {
+            KeySource::DataDir(path, true) => {
+                tracing::info!(path = %path.display(), "generated a new master key")
+            }
+            source => tracing::info!(?source, "master key loaded"),
+        }
         Ok(Self {
             router: http::router(state.clone(), config.request_timeout),
             state,

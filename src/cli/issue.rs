@@ -33,7 +33,7 @@ pub(super) struct IssueArgs {
 const PROGRESS_FROM: u64 = 10_000;
 
 pub(super) fn run(args: IssueArgs) -> anyhow::Result<ExitCode> {
-    let deriver = SecretDeriver::new(&args.key.load()?);
+    let deriver = SecretDeriver::new(&args.key.load(crate::config::WhenMissing::Generate)?);
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let progress = args.count >= PROGRESS_FROM && io::stderr().is_terminal();

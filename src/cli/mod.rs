@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, DEFAULT_DATA_DIR};
+use crate::config::{self, DEFAULT_DATA_DIR, WhenMissing};
 use crate::credential::MasterKey;
 use crate::store::{self, CredentialStore, DatabaseTarget};
 use crate::telemetry::{self, LogFormat, Metrics};
@@ -85,9 +85,13 @@ struct MasterKeyArgs {
 }
 
 impl MasterKeyArgs {
-    fn load(&self) -> anyhow::Result<MasterKey> {
-        config::load_master_key(self.master_key_file.as_deref(), &self.data.data_dir)
-            .map(|(key, _)| key)
+    fn load(&self, missing: WhenMissing) -> anyhow::Result<MasterKey> {
+        config::load_master_key(
+            self.master_key_file.as_deref(),
+            &self.data.data_dir,
+            missing,
+        )
+        .map(|(key, _)| key)
     }
 }
 

@@ -20,7 +20,7 @@ pub(super) struct VerifyArgs {
 }
 
 pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let deriver = SecretDeriver::new(&args.key.load()?);
+    let deriver = SecretDeriver::new(&args.key.load(crate::config::WhenMissing::Fail)?);
     let key = match ApiKey::parse(&args.api_key) {
         Ok(key) => key,
         Err(e) => return Ok(invalid(&format!("api_key {e}"))),

@@ -1,0 +1,637 @@
+//! The HTTP contract (SPEC §2), row by row, against the real server on a real SQLite file.
+
+mod common;
+
+use common::{Pair, assert_error, forged, mint, spawn_app};
+use futures_util::future::join_all;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+// ---- POST /credentials ----------------------------------------------------------------
+
+#[tokio::test]
+async fn register_returns_201_with_the_key_only() {
+    let app = spawn_app().await;
+    let pair = mint();
+    let resp = app.register(&pair).await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(&pair.secret));
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body, json!({ "api_key": pair.key }));
+    assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn register_accepts_the_spec_test_vectors() {
+    let app = spawn_app().await;
+    let resp = app
+        .register(&Pair {
+            key: "ak_0123456789abcdefghijklmnopqrstuv".into(),
+            secret: "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo".into(),
+        })
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn register_rejects_malformed_bodies_and_fields_with_400() {
+    let app = spawn_app().await;
+    let good = mint();
+    let long_key = format!("ak_{}", "a".repeat(65));
+    let short_key = format!("ak_{}", "a".repeat(15));
+    let cases: Vec<Value> = vec![
+        json!([good.key, good.secret]),
+        json!("text"),
+        json!(42),
+        json!(null),
+        json!({ "api_secret": good.secret }),
+        json!({ "api_key": good.key }),
+        json!({ "api_key": 12, "api_secret": good.secret }),
+        json!({ "api_key": good.key, "api_secret": null }),
+        json!({ "api_key": "", "api_secret": good.secret }),
+        json!({ "api_key": good.key, "api_secret": "" }),
+        json!({ "api_key": good.key.replacen("ak_", "xk_", 1), "api_secret": good.secret }),
+        json!({ "api_key": good.key, "api_secret": good.secret.replacen("sk_", "ak_", 1) }),
+        json!({ "api_key": format!("{}-", &good.key[..20]), "api_secret": good.secret }),
+        json!({ "api_key": long_key, "api_secret": good.secret }),
+        json!({ "api_key": short_key, "api_secret": good.secret }),
+        json!({ "api_key": good.key, "api_secret": &good.secret[..good.secret.len() - 1] }),
+        json!({ "api_key": good.key, "api_secret": format!("{}=", good.secret) }),
+        json!({ "api_key": good.key, "api_secret": format!("sk_+{}", &good.secret[4..]) }),
+    ];
+    for body in cases {
+        let resp = app.register_json(&body).await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "INVALID_FIELD").await;
+    }
+    // Not JSON at all.
+    let resp = app
+        .client
+        .post(app.url("/credentials"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::BAD_REQUEST, "INVALID_FIELD").await;
+    // None of these registered anything.
+    assert_eq!(app.verify(&good).await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn non_canonical_secret_is_never_registered_or_authenticated() {
+    let app = spawn_app().await;
+    // The vector's secret ends in 'o' (low bits 00); 'p' decodes to the same bytes leniently.
+    let pair = Pair {
+        key: "ak_0123456789abcdefghijklmnopqrstuv".into(),
+        secret: "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOp".into(),
+    };
+    let resp = app.register(&pair).await;
+    assert_error(resp, StatusCode::BAD_REQUEST, "INVALID_FIELD").await;
+    let canonical = Pair {
+        key: pair.key.clone(),
+        secret: "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo".into(),
+    };
+    assert_eq!(app.register(&canonical).await.status(), StatusCode::CREATED);
+    assert_eq!(app.verify(&pair).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.verify(&canonical).await, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn register_forged_pair_is_403_whether_or_not_the_key_exists() {
+    let app = spawn_app().await;
+    let fake = forged();
+    assert_error(
+        app.register(&fake).await,
+        StatusCode::FORBIDDEN,
+        "INVALID_CREDENTIAL",
+    )
+    .await;
+    // A registered key with a wrong secret: same answer, nothing leaks.
+    let real = app.registered().await;
+    let wrong = Pair {
+        key: real.key.clone(),
+        secret: fake.secret.clone(),
+    };
+    assert_error(
+        app.register(&wrong).await,
+        StatusCode::FORBIDDEN,
+        "INVALID_CREDENTIAL",
+    )
+    .await;
+    // The forged key was never stored.
+    let resp = app
+        .send(
+            Method::GET,
+            &format!("/credentials/{}", fake.key),
+            Some(&real),
+        )
+        .await;
+    assert_error(resp, StatusCode::NOT_FOUND, "CREDENTIAL_NOT_FOUND").await;
+}
+
+#[tokio::test]
+async fn register_duplicate_is_409_active_or_revoked() {
+    let app = spawn_app().await;
+    let pair = app.registered().await;
+    assert_error(
+        app.register(&pair).await,
+        StatusCode::CONFLICT,
+        "DUPLICATE_API_KEY",
+    )
+    .await;
+    assert_eq!(app.revoke(&pair.key, &pair).await.status(), StatusCode::OK);
+    // A revoked key can never come back.
+    assert_error(
+        app.register(&pair).await,
+        StatusCode::CONFLICT,
+        "DUPLICATE_API_KEY",
+    )
+    .await;
+    assert_eq!(app.verify(&pair).await, StatusCode::UNAUTHORIZED);
+}
+
+/// A valid registration body padded with JSON whitespace to exactly `len` bytes.
+fn padded_body(pair: &Pair, len: usize) -> String {
+    let body = json!({ "api_key": pair.key, "api_secret": pair.secret }).to_string();
+    format!("{body}{}", " ".repeat(len - body.len()))
+}
+
+#[tokio::test]
+async fn register_body_limit_is_64_kib() {
+    let app = spawn_app().await;
+    let pair = mint();
+    let post = |body: String| {
+        app.client
+            .post(app.url("/credentials"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let resp = post(padded_body(&pair, 65_537)).await.unwrap();
+    assert_error(resp, StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE").await;
+    let resp = post(padded_body(&pair, 65_536)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn register_requires_json_content_type() {
+    let app = spawn_app().await;
+    let pair = mint();
+    let body = json!({ "api_key": pair.key, "api_secret": pair.secret }).to_string();
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+    ] {
+        let mut req = app.client.post(app.url("/credentials")).body(body.clone());
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let resp = req.send().await.unwrap();
+        assert_error(
+            resp,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+        )
+        .await;
+    }
+    let resp = app
+        .client
+        .post(app.url("/credentials"))
+        .header("content-type", "Application/JSON; charset=utf-8")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn concurrent_registrations_of_one_key_create_exactly_one() {
+    let app = spawn_app().await;
+    let pair = mint();
+    let statuses: Vec<StatusCode> = join_all((0..32).map(|_| app.register(&pair)))
+        .await
+        .into_iter()
+        .map(|r| r.status())
+        .collect();
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CREATED)
+            .count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::CONFLICT)
+            .count(),
+        31,
+        "{statuses:?}"
+    );
+}
+
+// ---- DELETE /credentials/{api_key} -------------------------------------------------------
+
+#[tokio::test]
+async fn revoke_returns_200_and_records_who_and_when() {
+    let app = spawn_app().await;
+    let admin = app.registered().await;
+    let target = app.registered().await;
+    let resp = app.revoke(&target.key, &admin).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body, json!({ "api_key": target.key, "revoked": true }));
+    assert_eq!(app.verify(&target).await, StatusCode::UNAUTHORIZED);
+    let record: Value = app
+        .send(
+            Method::GET,
+            &format!("/credentials/{}", target.key),
+            Some(&admin),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["active"], false);
+    assert_eq!(record["revoked_by"], admin.key);
+    let revoked_at = record["revoked_at"].as_str().expect("revoked_at");
+    let created_at = record["created_at"].as_str().expect("created_at");
+    let revoked_at = chrono::DateTime::parse_from_rfc3339(revoked_at).expect("rfc3339");
+    let created_at = chrono::DateTime::parse_from_rfc3339(created_at).expect("rfc3339");
+    assert!(revoked_at >= created_at);
+    assert_eq!(revoked_at.offset().local_minus_utc(), 0);
+}
+
+#[tokio::test]
+async fn revoke_requires_authentication() {
+    let app = spawn_app().await;
+    let target = app.registered().await;
+    let resp = app
+        .send(
+            Method::DELETE,
+            &format!("/credentials/{}", target.key),
+            None,
+        )
+        .await;
+    assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+    let resp = app.revoke(&target.key, &forged()).await;
+    assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+    assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn revoke_unknown_malformed_or_revoked_key_is_404() {
+    let app = spawn_app().await;
+    let admin = app.registered().await;
+    for key in [mint().key, "ak_short".to_owned(), "not-a-key".to_owned()] {
+        assert_error(
+            app.revoke(&key, &admin).await,
+            StatusCode::NOT_FOUND,
+            "CREDENTIAL_NOT_FOUND",
+        )
+        .await;
+    }
+    let target = app.registered().await;
+    assert_eq!(
+        app.revoke(&target.key, &admin).await.status(),
+        StatusCode::OK
+    );
+    assert_error(
+        app.revoke(&target.key, &admin).await,
+        StatusCode::NOT_FOUND,
+        "CREDENTIAL_NOT_FOUND",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_credential_may_revoke_itself() {
+    let app = spawn_app().await;
+    let pair = app.registered().await;
+    assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
+    assert_eq!(app.revoke(&pair.key, &pair).await.status(), StatusCode::OK);
+    assert_eq!(app.verify(&pair).await, StatusCode::UNAUTHORIZED);
+    assert_error(
+        app.revoke(&pair.key, &pair).await,
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_revocations_of_one_key_succeed_exactly_once() {
+    let app = spawn_app().await;
+    let admins: Vec<Pair> = join_all((0..4).map(|_| app.registered())).await;
+    let target = app.registered().await;
+    let statuses: Vec<StatusCode> =
+        join_all((0..32).map(|i| app.revoke(&target.key, &admins[i % 4])))
+            .await
+            .into_iter()
+            .map(|r| r.status())
+            .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses
+            .iter()
+            .filter(|s| **s == StatusCode::NOT_FOUND)
+            .count(),
+        31,
+        "{statuses:?}"
+    );
+}
+
+// ---- Authentication ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_authentication_failure_is_the_same_401() {
+    let app = spawn_app().await;
+    let good = app.registered().await;
+    let revoked = app.registered().await;
+    assert_eq!(
+        app.revoke(&revoked.key, &good).await.status(),
+        StatusCode::OK
+    );
+    let unregistered = mint();
+    let non_canonical = Pair {
+        key: "ak_0123456789abcdefghijklmnopqrstuv".into(),
+        secret: "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOp".into(),
+    };
+    let mut bodies = Vec::new();
+    let requests = vec![
+        app.request(Method::GET, "/auth/verify", None),
+        app.request(Method::GET, "/auth/verify", None)
+            .header("X-Api-Key", &good.key),
+        app.request(Method::GET, "/auth/verify", None)
+            .header("X-Api-Secret", &good.secret),
+        app.request(
+            Method::GET,
+            "/auth/verify",
+            Some(&Pair {
+                key: "ak_bad".into(),
+                secret: good.secret.clone(),
+            }),
+        ),
+        app.request(
+            Method::GET,
+            "/auth/verify",
+            Some(&Pair {
+                key: good.key.clone(),
+                secret: "sk_bad".into(),
+            }),
+        ),
+        app.request(
+            Method::GET,
+            "/auth/verify",
+            Some(&Pair {
+                key: good.key.clone(),
+                secret: forged().secret,
+            }),
+        ),
+        app.request(Method::GET, "/auth/verify", Some(&unregistered)),
+        app.request(Method::GET, "/auth/verify", Some(&revoked)),
+        app.request(Method::GET, "/auth/verify", Some(&non_canonical)),
+    ];
+    for req in requests {
+        let resp = req.send().await.unwrap();
+        bodies.push(assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await);
+    }
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
+    // The outcomes are told apart only in metrics.
+    for (result, at_least) in [
+        ("rejected_form", 5.0),
+        ("rejected_derivation", 1.0),
+        ("rejected_unknown", 1.0),
+        ("rejected_revoked", 1.0),
+    ] {
+        let n = app
+            .metric(&format!(
+                "credgate_auth_results_total{{result=\"{result}\"}}"
+            ))
+            .await;
+        assert!(n >= at_least, "{result}: {n}");
+    }
+}
+
+#[tokio::test]
+async fn auth_verify_returns_204_with_the_key_header() {
+    let app = spawn_app().await;
+    let pair = app.registered().await;
+    let resp = app.send(Method::GET, "/auth/verify", Some(&pair)).await;
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+    assert_eq!(resp.headers()["x-credential-key"], pair.key.as_str());
+    assert!(resp.text().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unknown_routes_and_wrong_methods_need_credentials_first() {
+    let app = spawn_app().await;
+    let pair = app.registered().await;
+    for path in ["/nope", "/credentials/a/b", "/health/"] {
+        let resp = app.send(Method::GET, path, None).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+        let resp = app.send(Method::GET, path, Some(&pair)).await;
+        assert_error(resp, StatusCode::NOT_FOUND, "NOT_FOUND").await;
+    }
+    for (method, path) in [
+        (Method::PUT, "/credentials"),
+        (Method::POST, "/auth/verify"),
+        (
+            Method::PATCH,
+            format!("/credentials/{}", pair.key).leak() as &str,
+        ),
+    ] {
+        let resp = app.send(method.clone(), path, None).await;
+        assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+        let resp = app.send(method, path, Some(&pair)).await;
+        assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
+    }
+    // Public routes answer 405 to anyone.
+    for (method, path) in [
+        (Method::POST, "/health"),
+        (Method::DELETE, "/metrics"),
+        (Method::PUT, "/ready"),
+    ] {
+        let resp = app.send(method, path, None).await;
+        assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
+    }
+}
+
+// ---- Operational and extended routes -----------------------------------------------------
+
+#[tokio::test]
+async fn health_ready_and_metrics_are_public() {
+    let app = spawn_app().await;
+    let resp = app.send(Method::GET, "/health", None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({ "status": "ok" })
+    );
+    let resp = app.send(Method::GET, "/ready", None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({ "status": "ready" })
+    );
+
+    let pair = app.registered().await;
+    app.verify(&pair).await;
+    app.verify(&pair).await;
+    assert_eq!(app.revoke(&pair.key, &pair).await.status(), StatusCode::OK);
+    let resp = app.send(Method::GET, "/metrics", None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(&pair.secret));
+    for series in [
+        "credgate_http_requests_total{route=\"/health\",status=\"200\"}",
+        "credgate_http_request_duration_seconds_bucket{route=\"/auth/verify\",status=\"204\"",
+        "credgate_auth_results_total{result=\"ok\"}",
+        "credgate_auth_cache_hits_total",
+        "credgate_auth_cache_misses_total",
+        "credgate_auth_cache_entries",
+        "credgate_registrations_total 1",
+        "credgate_revocations_total 1",
+        "credgate_db_query_duration_seconds_count{op=\"state\"}",
+    ] {
+        assert!(text.contains(series), "missing {series}");
+    }
+    assert!(common::metric_value(&text, "credgate_auth_cache_hits_total") >= 1.0);
+}
+
+#[tokio::test]
+async fn get_one_credential_active_revoked_or_unknown() {
+    let app = spawn_app().await;
+    let admin = app.registered().await;
+    let resp = app
+        .send(
+            Method::GET,
+            &format!("/credentials/{}", admin.key),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains(&admin.secret));
+    let record: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(record["api_key"], admin.key);
+    assert_eq!(record["active"], true);
+    assert_eq!(record["revoked_at"], Value::Null);
+    assert_eq!(record["revoked_by"], Value::Null);
+    chrono::DateTime::parse_from_rfc3339(record["created_at"].as_str().unwrap()).unwrap();
+    assert_eq!(record.as_object().unwrap().len(), 5);
+
+    for key in [mint().key, "ak_x".to_owned()] {
+        let resp = app
+            .send(Method::GET, &format!("/credentials/{key}"), Some(&admin))
+            .await;
+        assert_error(resp, StatusCode::NOT_FOUND, "CREDENTIAL_NOT_FOUND").await;
+    }
+    let resp = app
+        .send(Method::GET, &format!("/credentials/{}", admin.key), None)
+        .await;
+    assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+}
+
+#[tokio::test]
+async fn list_pages_with_a_cursor_and_filters() {
+    let app = spawn_app().await;
+    let pairs: Vec<Pair> = {
+        let mut v = Vec::new();
+        for _ in 0..5 {
+            v.push(app.registered().await);
+        }
+        v
+    };
+    let admin = &pairs[0];
+    assert_eq!(
+        app.revoke(&pairs[1].key, admin).await.status(),
+        StatusCode::OK
+    );
+    let mut expected: Vec<String> = pairs.iter().map(|p| p.key.clone()).collect();
+    expected.sort();
+
+    let mut seen = Vec::new();
+    let mut path = "/credentials?limit=2".to_owned();
+    loop {
+        let body: Value = app
+            .send(Method::GET, &path, Some(admin))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let page = body["credentials"].as_array().unwrap();
+        assert!(page.len() <= 2);
+        seen.extend(
+            page.iter()
+                .map(|r| r["api_key"].as_str().unwrap().to_owned()),
+        );
+        match body["next"].as_str() {
+            Some(next) => path = format!("/credentials?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, expected);
+
+    let body: Value = app
+        .send(Method::GET, "/credentials", Some(admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["credentials"].as_array().unwrap().len(), 5);
+    assert_eq!(body["next"], Value::Null);
+    assert!(!body.to_string().contains("sk_"));
+
+    let revoked: Value = app
+        .send(Method::GET, "/credentials?active=false", Some(admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let revoked = revoked["credentials"].as_array().unwrap();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0]["api_key"], pairs[1].key);
+    assert_eq!(revoked[0]["revoked_by"], admin.key);
+    let active: Value = app
+        .send(Method::GET, "/credentials?active=true", Some(admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(active["credentials"].as_array().unwrap().len(), 4);
+
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=abc",
+        "limit=-1",
+        "active=maybe",
+        "after=zzz",
+    ] {
+        let resp = app
+            .send(Method::GET, &format!("/credentials?{bad}"), Some(admin))
+            .await;
+        assert_error(resp, StatusCode::BAD_REQUEST, "INVALID_FIELD").await;
+    }
+    let resp = app
+        .send(Method::GET, "/credentials?limit=1000", Some(admin))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = app.send(Method::GET, "/credentials", None).await;
+    assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+}

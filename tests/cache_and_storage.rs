@@ -1,0 +1,297 @@
+//! The authentication cache (TTL, local and direct-SQL invalidation), database faults,
+//! the schema's triggers, what the file holds, and the connection timeouts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_error, eventually, spawn_app, spawn_app_with};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const HITS: &str = "credgate_auth_cache_hits_total";
+const MISSES: &str = "credgate_auth_cache_misses_total";
+const LOOKUPS: &str = "credgate_db_query_duration_seconds_count{op=\"state\"}";
+
+#[tokio::test]
+async fn cached_entries_expire_after_the_ttl() {
+    let app = spawn_app_with(|c| c.cache_ttl = Duration::from_secs(1)).await;
+    let pair = app.registered().await;
+    assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
+    assert_eq!(app.metric(MISSES).await, 1.0);
+    assert_eq!(app.metric(LOOKUPS).await, 1.0);
+    assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
+    assert_eq!(app.metric(HITS).await, 1.0);
+    assert_eq!(
+        app.metric(LOOKUPS).await,
+        1.0,
+        "a hit must not touch the database"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.metric(MISSES).await,
+        2.0,
+        "expired entry must be looked up again"
+    );
+    assert_eq!(app.metric(LOOKUPS).await, 2.0);
+}
+
+#[tokio::test]
+async fn forged_secrets_never_reach_cache_or_database() {
+    let app = spawn_app().await;
+    let real = app.registered().await;
+    let forged = common::Pair {
+        key: real.key.clone(),
+        secret: common::forged().secret,
+    };
+    for _ in 0..20 {
+        assert_eq!(app.verify(&forged).await, StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(app.metric(LOOKUPS).await, 0.0);
+    assert_eq!(app.metric(HITS).await + app.metric(MISSES).await, 0.0);
+    assert_eq!(
+        app.metric("credgate_auth_results_total{result=\"rejected_derivation\"}")
+            .await,
+        20.0
+    );
+}
+
+#[tokio::test]
+async fn concurrent_misses_on_one_key_make_one_lookup() {
+    let app = spawn_app().await;
+    let pair = app.registered().await;
+    let results = futures_util::future::join_all((0..32).map(|_| app.verify(&pair))).await;
+    assert!(results.iter().all(|s| *s == StatusCode::NO_CONTENT));
+    assert_eq!(app.metric(LOOKUPS).await, 1.0);
+}
+
+#[tokio::test]
+async fn revocation_through_the_api_takes_effect_at_once() {
+    let app = spawn_app().await;
+    let admin = app.registered().await;
+    let target = app.registered().await;
+    assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
+    assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
+    assert!(
+        app.metric(HITS).await >= 1.0,
+        "target must be served from the cache"
+    );
+    assert_eq!(
+        app.revoke(&target.key, &admin).await.status(),
+        StatusCode::OK
+    );
+    // No waiting: the very next request is refused.
+    assert_eq!(app.verify(&target).await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn direct_sql_revocation_is_honoured_long_before_the_ttl() {
+    let app = spawn_app().await; // TTL 300 s
+    let admin = app.registered().await;
+    let target = app.registered().await;
+    assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
+    assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
+    assert!(app.metric(HITS).await >= 1.0);
+    app.sql(&format!(
+        "UPDATE api_credential SET active = 0 WHERE api_key = '{}'",
+        target.key
+    ))
+    .await;
+    let refused = eventually(Duration::from_secs(3), || async {
+        app.verify(&target).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(refused, "direct-SQL revocation not honoured within 3 s");
+    // The trigger recorded when; nobody is recorded as the revoker.
+    let record: Value = app
+        .send(
+            Method::GET,
+            &format!("/credentials/{}", target.key),
+            Some(&admin),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(record["active"], false);
+    assert!(record["revoked_at"].is_string());
+    assert_eq!(record["revoked_by"], Value::Null);
+    assert_eq!(app.verify(&admin).await, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn database_error_during_auth_is_500_and_not_cached() {
+    let app = spawn_app().await;
+    let cached = app.registered().await;
+    let uncached = app.registered().await;
+    assert_eq!(app.verify(&cached).await, StatusCode::NO_CONTENT);
+
+    app.sql("ALTER TABLE api_credential RENAME TO api_credential_away")
+        .await;
+    let resp = app.send(Method::GET, "/auth/verify", Some(&uncached)).await;
+    assert_error(resp, StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR").await;
+    let resp = app.send(Method::GET, "/ready", None).await;
+    assert_error(resp, StatusCode::SERVICE_UNAVAILABLE, "NOT_READY").await;
+    // Cached credentials keep working while the database is away.
+    assert_eq!(app.verify(&cached).await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.metric("credgate_auth_results_total{result=\"error\"}")
+            .await,
+        1.0
+    );
+
+    app.sql("ALTER TABLE api_credential_away RENAME TO api_credential")
+        .await;
+    // The failure was not remembered: the same pair now authenticates.
+    assert_eq!(app.verify(&uncached).await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.send(Method::GET, "/ready", None).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn the_database_refuses_reactivation_and_keeps_revoked_rows() {
+    let app = spawn_app().await;
+    let admin = app.registered().await;
+    let target = app.registered().await;
+    assert_eq!(
+        app.revoke(&target.key, &admin).await.status(),
+        StatusCode::OK
+    );
+    let url = format!("sqlite://{}", app.db_path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    for statement in [
+        format!(
+            "UPDATE api_credential SET active = 1 WHERE api_key = '{}'",
+            target.key
+        ),
+        format!(
+            "DELETE FROM api_credential WHERE api_key = '{}'",
+            target.key
+        ),
+        format!(
+            "UPDATE api_credential SET api_key = 'ak_renamedrenamedrenamed' WHERE api_key = '{}'",
+            admin.key
+        ),
+    ] {
+        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
+            .execute(&mut conn)
+            .await;
+        assert!(result.is_err(), "{statement} must be refused");
+    }
+    let active: bool = sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = ?")
+        .bind(&target.key)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(!active);
+    assert_eq!(app.verify(&target).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.verify(&admin).await, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn sqlite_runs_in_wal_mode() {
+    let app = spawn_app().await;
+    app.registered().await;
+    let url = format!("sqlite://{}", app.db_path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn no_secret_is_stored_anywhere_in_the_database_files() {
+    let app = spawn_app().await;
+    let mut pairs = Vec::new();
+    for _ in 0..5 {
+        pairs.push(app.registered().await);
+    }
+    assert_eq!(
+        app.revoke(&pairs[0].key, &pairs[1]).await.status(),
+        StatusCode::OK
+    );
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(app.db_path.parent().unwrap()).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("credgate.db")
+        {
+            bytes.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    assert!(!bytes.is_empty());
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    // The keys are there (the files are what we think)...
+    assert!(contains(pairs[2].key.as_bytes()));
+    for pair in &pairs {
+        // ...but no secret: neither its text, nor its body, nor its raw bytes.
+        assert!(!contains(pair.secret.as_bytes()));
+        assert!(!contains(&pair.secret.as_bytes()[3..]));
+        let raw = base64_decode(&pair.secret[3..]);
+        assert!(!contains(&raw));
+    }
+    assert!(!contains(common::MASTER_HEX.as_bytes()));
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes() {
+        bits = (bits << 6) | ALPHABET.iter().position(|a| *a == c).unwrap() as u32;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let app = spawn_app_with(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(
+        read.is_ok(),
+        "connection still open after 5 s with a 1 s header timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_request_that_takes_too_long_gets_408() {
+    let app = spawn_app_with(|c| c.request_timeout = Duration::from_secs(1)).await;
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /credentials HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"api_key\"",
+        )
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("no answer within 5 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
+}

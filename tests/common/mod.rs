@@ -1,0 +1,372 @@
+//! Shared test helpers: `spawn_app()` runs the same `Application` that `main` runs, on a
+//! random port with a fresh SQLite file and master key; `ServerProcess` runs the real binary.
+//! Set `TEST_LOG=1` to see the service's logs.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use credgate::credential::{ApiKey, MasterKey, SecretDeriver};
+use credgate::{Application, Config};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use sqlx::Connection;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The master key of every test deployment (the SPEC §1 test vector key).
+pub const MASTER_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
+
+/// A key/secret pair as a client holds it.
+#[derive(Debug, Clone)]
+pub struct Pair {
+    pub key: String,
+    pub secret: String,
+}
+
+pub fn deriver() -> SecretDeriver {
+    SecretDeriver::new(&MasterKey::from_hex(MASTER_HEX).expect("test key"))
+}
+
+/// Mints a valid pair for the test master key.
+pub fn mint() -> Pair {
+    let key = ApiKey::generate();
+    let secret = deriver().secret_for(&key).expose();
+    Pair {
+        key: key.into_string(),
+        secret,
+    }
+}
+
+/// A valid key with a secret derived from another master key.
+pub fn forged() -> Pair {
+    let key = ApiKey::generate();
+    let other = SecretDeriver::new(&MasterKey::from_bytes([42; 32]));
+    let secret = other.secret_for(&key).expose();
+    Pair {
+        key: key.into_string(),
+        secret,
+    }
+}
+
+fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = credgate::telemetry::init_logging(
+            credgate::telemetry::LogFormat::Text,
+            "debug,sqlx=info,hyper=info",
+        );
+    }
+}
+
+/// A running in-process application.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub dir: TempDir,
+    pub db_path: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Writes the test master key into `dir` and returns a default config for it.
+pub fn test_config(dir: &Path) -> Config {
+    let key_file = dir.join("master.hex");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).expect("write key");
+    let mut config = Config::new(dir.join("data"));
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.master_key_file = Some(key_file);
+    config
+}
+
+pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
+    init_test_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = test_config(dir.path());
+    customize(&mut config);
+    let db_path = match config.database_target() {
+        credgate::store::DatabaseTarget::Sqlite(path) => path,
+        other => panic!("unexpected target {other:?}"),
+    };
+    let app = Application::build(config).await.expect("build app");
+    let addr = app.local_addr().expect("addr");
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run_until_stopped(async {
+        let _ = rx.await;
+    }));
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        dir,
+        db_path,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// A request, authenticated with `auth` when given.
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        auth: Option<&Pair>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(p) = auth {
+            req = req
+                .header("X-Api-Key", &p.key)
+                .header("X-Api-Secret", &p.secret);
+        }
+        req
+    }
+
+    pub async fn send(&self, method: Method, path: &str, auth: Option<&Pair>) -> reqwest::Response {
+        self.request(method, path, auth).send().await.expect("send")
+    }
+
+    /// POST /credentials with a JSON body.
+    pub async fn register_json(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/credentials"))
+            .json(body)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    pub async fn register(&self, pair: &Pair) -> reqwest::Response {
+        self.register_json(&serde_json::json!({ "api_key": pair.key, "api_secret": pair.secret }))
+            .await
+    }
+
+    /// Mints and registers a pair, asserting 201.
+    pub async fn registered(&self) -> Pair {
+        let pair = mint();
+        let resp = self.register(&pair).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        pair
+    }
+
+    pub async fn revoke(&self, target: &str, by: &Pair) -> reqwest::Response {
+        self.send(Method::DELETE, &format!("/credentials/{target}"), Some(by))
+            .await
+    }
+
+    /// Status of GET /auth/verify with `pair`.
+    pub async fn verify(&self, pair: &Pair) -> StatusCode {
+        self.send(Method::GET, "/auth/verify", Some(pair))
+            .await
+            .status()
+    }
+
+    /// Runs SQL on the database file through a connection of its own, as an operator would.
+    pub async fn sql(&self, statement: &str) {
+        sql_on(&self.db_path, statement).await;
+    }
+
+    /// The value of one metric line (exact series text before the value).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .send(Method::GET, "/metrics", None)
+            .await
+            .text()
+            .await
+            .expect("body");
+        metric_value(&text, series)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("join").expect("run");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().expect("metric value"))
+        .unwrap_or_else(|| panic!("series {series} not in metrics:\n{text}"))
+}
+
+pub async fn sql_on(db: &Path, statement: &str) {
+    let url = format!("sqlite://{}", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_owned()))
+        .execute(&mut conn)
+        .await
+        .expect("sql");
+    conn.close().await.expect("close");
+}
+
+/// Asserts an error response: status, JSON content type, and the `{"error":{code,message}}`
+/// shape with the given code. Returns the body.
+pub async fn assert_error(resp: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(resp.status(), status, "status");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ct.starts_with("application/json"), "content-type {ct:?}");
+    let body: Value = resp.json().await.expect("json body");
+    assert_eq!(body["error"]["code"], code, "body {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "message in {body}"
+    );
+    assert_eq!(
+        body.as_object().map(|o| o.len()),
+        Some(1),
+        "only `error` in {body}"
+    );
+    body
+}
+
+/// Polls `check` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real `credgate` binary running `serve`, its stderr collected.
+pub struct ServerProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub base: String,
+    pub logs: Arc<Mutex<String>>,
+}
+
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_credgate"))
+}
+
+impl ServerProcess {
+    /// Starts `credgate serve --listen 127.0.0.1:0 <args>` and waits until it listens.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = binary()
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env_remove("CREDGATE_MASTER_KEY_FILE")
+            .env_remove("DATABASE_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn credgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.split("listening on ").nth(1)
+                    && let Some(tx) = tx.take()
+                {
+                    let addr: String = addr
+                        .chars()
+                        .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+                        .collect();
+                    let _ = tx.send(addr);
+                }
+                let mut logs = sink.lock().expect("logs");
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let addr: SocketAddr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr.parse().expect("listen address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start: {}", logs.lock().expect("logs"));
+            }
+        };
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            addr,
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().expect("logs").clone()
+    }
+
+    /// Sends a signal and waits (bounded) for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,479 @@
+//! The real binary: durability across SIGKILL, graceful shutdown, what the logs hold,
+//! start-up failures, and every CLI subcommand.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::{MASTER_HEX, Pair, ServerProcess, binary, eventually};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+fn run(args: &[&str]) -> Output {
+    binary()
+        .args(args)
+        .env_remove("CREDGATE_MASTER_KEY_FILE")
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("run credgate")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `credgate issue` in `data_dir`, parsed.
+fn issue(data_dir: &Path, count: usize) -> Vec<Pair> {
+    let out = run(&[
+        "issue",
+        "--count",
+        &count.to_string(),
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json line");
+            assert_eq!(v.as_object().unwrap().len(), 2);
+            Pair {
+                key: v["api_key"].as_str().unwrap().to_owned(),
+                secret: v["api_secret"].as_str().unwrap().to_owned(),
+            }
+        })
+        .collect()
+}
+
+async fn register(client: &reqwest::Client, server: &ServerProcess, pair: &Pair) -> StatusCode {
+    client
+        .post(server.url("/credentials"))
+        .json(&json!({ "api_key": pair.key, "api_secret": pair.secret }))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+async fn verify(client: &reqwest::Client, server: &ServerProcess, pair: &Pair) -> StatusCode {
+    client
+        .get(server.url("/auth/verify"))
+        .header("X-Api-Key", &pair.key)
+        .header("X-Api-Secret", &pair.secret)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+async fn revoke(
+    client: &reqwest::Client,
+    server: &ServerProcess,
+    key: &str,
+    by: &Pair,
+) -> StatusCode {
+    client
+        .delete(server.url(&format!("/credentials/{key}")))
+        .header("X-Api-Key", &by.key)
+        .header("X-Api-Secret", &by.secret)
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let client = reqwest::Client::new();
+    // A fresh serve and a fresh issue on one data dir agree on the generated master key.
+    let mut server = ServerProcess::start(&["--data-dir", data_arg]);
+    let pairs = issue(&data, 40);
+    let statuses =
+        futures_util::future::join_all(pairs.iter().map(|p| register(&client, &server, p))).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
+    let admin = &pairs[0];
+    for pair in &pairs[30..] {
+        assert_eq!(
+            revoke(&client, &server, &pair.key, admin).await,
+            StatusCode::OK
+        );
+    }
+    // No graceful anything: the process dies right after the last acknowledgement.
+    assert!(!server.signal_and_wait(libc::SIGKILL).success());
+
+    let server = ServerProcess::start(&["--data-dir", data_arg]);
+    for pair in &pairs[..30] {
+        assert_eq!(
+            verify(&client, &server, pair).await,
+            StatusCode::NO_CONTENT,
+            "{}",
+            pair.key
+        );
+        assert_eq!(register(&client, &server, pair).await, StatusCode::CONFLICT);
+    }
+    for pair in &pairs[30..] {
+        assert_eq!(
+            verify(&client, &server, pair).await,
+            StatusCode::UNAUTHORIZED,
+            "{}",
+            pair.key
+        );
+        assert_eq!(register(&client, &server, pair).await, StatusCode::CONFLICT);
+    }
+    let mode = std::fs::metadata(data.join("master.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test]
+async fn sigterm_and_sigint_stop_the_server_cleanly() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = ServerProcess::start(&["--data-dir", dir.path().to_str().unwrap()]);
+        let health = reqwest::get(server.url("/health")).await.unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+        let status = server.signal_and_wait(signal);
+        assert!(
+            status.success(),
+            "signal {signal}: {status:?}\n{}",
+            server.logs()
+        );
+        assert!(
+            reqwest::get(server.url("/health")).await.is_err(),
+            "still accepting"
+        );
+        assert!(server.logs().contains("stopped"));
+    }
+}
+
+#[tokio::test]
+async fn no_secret_reaches_the_logs_even_at_trace_level() {
+    for format in ["text", "json"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut server = ServerProcess::start(&[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--log-level",
+            "trace",
+            "--log-format",
+            format,
+        ]);
+        let client = reqwest::Client::new();
+        let pairs = issue(&data, 3);
+        for pair in &pairs {
+            assert_eq!(register(&client, &server, pair).await, StatusCode::CREATED);
+            assert_eq!(verify(&client, &server, pair).await, StatusCode::NO_CONTENT);
+        }
+        let forged = Pair {
+            key: pairs[1].key.clone(),
+            secret: common::forged().secret,
+        };
+        assert_eq!(
+            verify(&client, &server, &forged).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            register(&client, &server, &forged).await,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            revoke(&client, &server, &pairs[2].key, &pairs[0]).await,
+            StatusCode::OK
+        );
+        let _ = client
+            .get(server.url("/credentials"))
+            .header("X-Api-Key", &pairs[0].key)
+            .header("X-Api-Secret", &pairs[0].secret)
+            .send()
+            .await
+            .unwrap();
+        assert!(server.signal_and_wait(libc::SIGTERM).success());
+        let logs = server.logs();
+        // The logs are really there, at the level asked for.
+        assert!(logs.contains(&pairs[2].key), "{logs}");
+        assert!(
+            logs.contains("DEBUG") || logs.contains("\"level\":\"DEBUG\""),
+            "{logs}"
+        );
+        for secret in pairs.iter().chain([&forged]).map(|p| &p.secret) {
+            assert!(!logs.contains(secret.as_str()), "secret in {format} logs");
+            assert!(!logs.contains(&secret[3..]), "secret body in {format} logs");
+        }
+        let master = std::fs::read_to_string(data.join("master.key")).unwrap();
+        assert!(!logs.contains(master.trim()));
+        if format == "json" {
+            for line in logs.lines() {
+                serde_json::from_str::<Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            }
+        }
+    }
+}
+
+/// Runs `serve` with `args`, expects it to refuse to start with one line on stderr.
+fn assert_start_fails(args: &[&str], mentions: &str) {
+    let mut full = vec!["serve", "--listen", "127.0.0.1:0"];
+    full.extend_from_slice(args);
+    let out = run(&full);
+    assert!(!out.status.success(), "started with {args:?}");
+    let err = stderr(&out);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(
+        err.contains(mentions),
+        "{err:?} should mention {mentions:?}"
+    );
+}
+
+#[test]
+fn bad_configuration_stops_start_up_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("data");
+    let data = data.to_str().unwrap();
+    let bad_key = d.join("bad.key");
+    std::fs::write(&bad_key, "0123").unwrap();
+    assert_start_fails(
+        &[
+            "--data-dir",
+            data,
+            "--master-key-file",
+            bad_key.to_str().unwrap(),
+        ],
+        "malformed master key",
+    );
+    assert_start_fails(
+        &[
+            "--data-dir",
+            data,
+            "--master-key-file",
+            d.join("absent.key").to_str().unwrap(),
+        ],
+        "cannot read master key file",
+    );
+    assert_start_fails(
+        &[
+            "--data-dir",
+            data,
+            "--database-url",
+            "sqlite:///nonexistent-dir/x/credgate.db",
+        ],
+        "cannot open SQLite database",
+    );
+    assert_start_fails(
+        &["--data-dir", data, "--database-url", "mysql://x/y"],
+        "database URL",
+    );
+    // The master key file given by environment variable is honoured too.
+    let out = binary()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", data])
+        .env("CREDGATE_MASTER_KEY_FILE", bad_key.to_str().unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("malformed master key"));
+}
+
+#[test]
+fn keygen_writes_a_private_key_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.key");
+    let out = run(&["keygen", "--out", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(text.len(), 65);
+    assert!(text.trim_end().bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let out = run(&["keygen", "--out", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    let printed = stdout(&run(&["keygen"]));
+    assert_eq!(printed.trim_end().len(), 64);
+    assert_ne!(printed, text);
+}
+
+#[test]
+fn issue_and_verify_agree_and_catch_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("m.key");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let kf = key_file.to_str().unwrap();
+    let out = run(&["issue", "--count", "3", "--master-key-file", kf]);
+    assert!(out.status.success());
+    let deriver = common::deriver();
+    for line in stdout(&out).lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let (k, s) = (
+            v["api_key"].as_str().unwrap(),
+            v["api_secret"].as_str().unwrap(),
+        );
+        assert_eq!(k.len(), 35);
+        let key = credgate::credential::ApiKey::parse(k).unwrap();
+        assert_eq!(deriver.secret_for(&key).expose(), s);
+        let ok = run(&[
+            "verify",
+            "--api-key",
+            k,
+            "--api-secret",
+            s,
+            "--master-key-file",
+            kf,
+        ]);
+        assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
+        let other = common::forged().secret;
+        let bad = run(&[
+            "verify",
+            "--api-key",
+            k,
+            "--api-secret",
+            &other,
+            "--master-key-file",
+            kf,
+        ]);
+        assert_eq!(bad.status.code(), Some(1));
+        let malformed = run(&[
+            "verify",
+            "--api-key",
+            k,
+            "--api-secret",
+            "sk_nope",
+            "--master-key-file",
+            kf,
+        ]);
+        assert_eq!(malformed.status.code(), Some(1));
+    }
+    // The spec's vector, through environment variables.
+    let out = binary()
+        .args(["verify"])
+        .env("CREDGATE_MASTER_KEY_FILE", kf)
+        .env("CREDGATE_API_KEY", "ak_TestVector2Example00000000000000")
+        .env(
+            "CREDGATE_API_SECRET",
+            "sk_AttoQ3O3D2-1LdMUKU1eUv62IMFAeDYMQn_JFYhrSlw",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    // env format
+    let out = run(&[
+        "issue",
+        "--count",
+        "2",
+        "--format",
+        "env",
+        "--master-key-file",
+        kf,
+    ]);
+    let text = stdout(&out);
+    assert_eq!(text.matches("CREDGATE_API_KEY=ak_").count(), 2, "{text}");
+    assert_eq!(text.matches("CREDGATE_API_SECRET=sk_").count(), 2, "{text}");
+    // verify never invents a master key.
+    let empty = dir.path().join("empty");
+    let out = run(&[
+        "verify",
+        "--api-key",
+        "ak_TestVector2Example00000000000000",
+        "--api-secret",
+        "sk_AttoQ3O3D2-1LdMUKU1eUv62IMFAeDYMQn_JFYhrSlw",
+        "--data-dir",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no master key"));
+    assert!(!empty.join("master.key").exists());
+}
+
+#[tokio::test]
+async fn migrate_list_and_revoke_work_on_the_database_directly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("direct.db");
+    let url = format!("sqlite://{}", db.display());
+    // DATABASE_URL is read when --database-url is absent.
+    let out = binary()
+        .arg("migrate")
+        .env("DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(db.exists());
+    let out = run(&["list", "--database-url", &url]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "");
+
+    // A running server on that file, a credential cached in it, then a CLI revocation.
+    let key_file = dir.path().join("m.key");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let server = ServerProcess::start(&[
+        "--database-url",
+        &url,
+        "--master-key-file",
+        key_file.to_str().unwrap(),
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    let client = reqwest::Client::new();
+    let (a, b) = (common::mint(), common::mint());
+    assert_eq!(register(&client, &server, &a).await, StatusCode::CREATED);
+    assert_eq!(register(&client, &server, &b).await, StatusCode::CREATED);
+    assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
+
+    let out = run(&["revoke", &b.key, "--database-url", &url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
+        json!({"api_key": b.key, "revoked": true})
+    );
+    let out = run(&["revoke", &b.key, "--database-url", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    let refused = eventually(Duration::from_secs(3), || async {
+        verify(&client, &server, &b).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(
+        refused,
+        "server kept accepting a credential revoked by another process"
+    );
+
+    let out = run(&["list", "--database-url", &url]);
+    let records: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+    let revoked = records
+        .iter()
+        .find(|r| r["api_key"] == b.key.as_str())
+        .unwrap();
+    assert_eq!(revoked["active"], false);
+    assert_eq!(revoked["revoked_by"], Value::Null);
+    let out = run(&["list", "--active", "true", "--database-url", &url]);
+    assert_eq!(stdout(&out).lines().count(), 1);
+
+    // The direct commands never create a database that is not there.
+    let missing = format!("sqlite://{}", dir.path().join("missing.db").display());
+    let out = run(&["list", "--database-url", &missing]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("no database"));
+    assert!(!dir.path().join("missing.db").exists());
+}
