@@ -295,3 +295,51 @@ async fn a_request_that_takes_too_long_gets_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("REQUEST_TIMEOUT"), "{text}");
 }
+
+#[tokio::test]
+async fn shutdown_stops_accepting_but_finishes_in_flight_requests() {
+    let app = spawn_app().await;
+    let addr = app.addr;
+    let pair = common::mint();
+    let body = serde_json::json!({ "api_key": pair.key, "api_secret": pair.secret }).to_string();
+    let (head, tail) = body.split_at(10);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /credentials HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{head}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let db_path = app.db_path.clone();
+    let stopping = tokio::spawn(app.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopping.is_finished(), "stopped with a request in flight");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting connections while shutting down"
+    );
+
+    stream.write_all(tail.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+        .await
+        .expect("in-flight request not answered")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 201"), "{text}");
+    let _dir = tokio::time::timeout(Duration::from_secs(5), stopping)
+        .await
+        .expect("shutdown did not complete")
+        .unwrap();
+    // The answered registration is in the file.
+    let url = format!("sqlite://{}", db_path.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_credential WHERE api_key = ?")
+        .bind(&pair.key)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}

@@ -190,14 +190,16 @@ impl TestApp {
         metric_value(&text, series)
     }
 
-    /// Stops the server gracefully and waits for it.
-    pub async fn stop(mut self) {
+    /// Stops the server gracefully, waits for it, and hands back its directory (database
+    /// and key) so a test can inspect or reuse it.
+    pub async fn stop(mut self) -> TempDir {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
             task.await.expect("join").expect("run");
         }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
     }
 }
 
