@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::credential::MasterKey;
-use crate::store::DatabaseTarget;
+use crate::store::{DatabaseTarget, StoreSettings};
 
 /// A master key embedded at build time (`CREDGATE_EMBEDDED_MASTER_KEY`, checked by build.rs).
 const EMBEDDED_MASTER_KEY: Option<&str> = option_env!("CREDGATE_EMBEDDED_MASTER_KEY");
@@ -46,6 +46,8 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Longest in-flight requests may run after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// Database pool size and timeouts.
+    pub store: StoreSettings,
 }
 
 impl Config {
@@ -61,6 +63,7 @@ impl Config {
             request_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
+            store: StoreSettings::default(),
         }
     }
 

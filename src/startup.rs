@@ -58,7 +58,7 @@ impl Application {
             config::ensure_data_dir(path.parent().unwrap_or(&config.data_dir))?;
         }
         let metrics = Metrics::new()?;
-        let store = store::open(&target, metrics.clone()).await?;
+        let store = store::open(&target, &config.store, metrics.clone()).await?;
         let auth = Authenticator::new(
             SecretDeriver::new(&master),
             store.clone(),

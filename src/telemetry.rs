@@ -93,10 +93,12 @@ struct Inner {
     registrations: IntCounter,
     revocations: IntCounter,
     db_seconds: HistogramVec,
+    listener_connected: IntGauge,
+    listener_reconnects: IntCounter,
 }
 
 /// Database operations timed in `credgate_db_query_duration_seconds`.
-const DB_OPS: [&str; 4] = ["state", "get", "list", "write_batch"];
+const DB_OPS: [&str; 6] = ["state", "get", "list", "write_batch", "register", "revoke"];
 
 fn build() -> Result<Inner, prometheus::Error> {
     let registry = Registry::new();
@@ -151,6 +153,14 @@ fn build() -> Result<Inner, prometheus::Error> {
         ]),
         &["op"],
     )?;
+    let listener_connected = IntGauge::new(
+        "credgate_invalidation_listener_connected",
+        "1 while the PostgreSQL LISTEN connection for cache invalidation is up",
+    )?;
+    let listener_reconnects = IntCounter::new(
+        "credgate_invalidation_listener_reconnects_total",
+        "Times the invalidation listener lost its connection (each clears the cache)",
+    )?;
     // Present from the start, so "zero database queries" is visible as 0.
     for op in DB_OPS {
         db_seconds.with_label_values(&[op]);
@@ -164,6 +174,8 @@ fn build() -> Result<Inner, prometheus::Error> {
     registry.register(Box::new(registrations.clone()))?;
     registry.register(Box::new(revocations.clone()))?;
     registry.register(Box::new(db_seconds.clone()))?;
+    registry.register(Box::new(listener_connected.clone()))?;
+    registry.register(Box::new(listener_reconnects.clone()))?;
     Ok(Inner {
         registry,
         requests,
@@ -175,6 +187,8 @@ fn build() -> Result<Inner, prometheus::Error> {
         registrations,
         revocations,
         db_seconds,
+        listener_connected,
+        listener_reconnects,
     })
 }
 
@@ -236,6 +250,16 @@ impl Metrics {
             .db_seconds
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sets whether the invalidation listener is connected.
+    pub fn set_listener_connected(&self, up: bool) {
+        self.0.listener_connected.set(i64::from(up));
+    }
+
+    /// Counts one lost listener connection.
+    pub fn listener_reconnected(&self) {
+        self.0.listener_reconnects.inc();
     }
 
     /// The Prometheus text exposition of every series.

@@ -1,17 +1,17 @@
 //! The HTTP contract (SPEC §2), row by row, against the real server on a real SQLite file.
 
+#[macro_use]
 mod common;
 
-use common::{Pair, assert_error, forged, mint, spawn_app};
+use common::{Backend, Pair, assert_error, forged, mint, spawn_app};
 use futures_util::future::join_all;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 // ---- POST /credentials ----------------------------------------------------------------
 
-#[tokio::test]
-async fn register_returns_201_with_the_key_only() {
-    let app = spawn_app().await;
+async fn register_returns_201_with_the_key_only(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = mint();
     let resp = app.register(&pair).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
@@ -22,9 +22,8 @@ async fn register_returns_201_with_the_key_only() {
     assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
 }
 
-#[tokio::test]
-async fn register_accepts_the_spec_test_vectors() {
-    let app = spawn_app().await;
+async fn register_accepts_the_spec_test_vectors(backend: Backend) {
+    let app = spawn_app(backend).await;
     let resp = app
         .register(&Pair {
             key: "ak_0123456789abcdefghijklmnopqrstuv".into(),
@@ -34,9 +33,8 @@ async fn register_accepts_the_spec_test_vectors() {
     assert_eq!(resp.status(), StatusCode::CREATED);
 }
 
-#[tokio::test]
-async fn register_rejects_malformed_bodies_and_fields_with_400() {
-    let app = spawn_app().await;
+async fn register_rejects_malformed_bodies_and_fields_with_400(backend: Backend) {
+    let app = spawn_app(backend).await;
     let good = mint();
     let long_key = format!("ak_{}", "a".repeat(65));
     let short_key = format!("ak_{}", "a".repeat(15));
@@ -78,9 +76,8 @@ async fn register_rejects_malformed_bodies_and_fields_with_400() {
     assert_eq!(app.verify(&good).await, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
-async fn non_canonical_secret_is_never_registered_or_authenticated() {
-    let app = spawn_app().await;
+async fn non_canonical_secret_is_never_registered_or_authenticated(backend: Backend) {
+    let app = spawn_app(backend).await;
     // The vector's secret ends in 'o' (low bits 00); 'p' decodes to the same bytes leniently.
     let pair = Pair {
         key: "ak_0123456789abcdefghijklmnopqrstuv".into(),
@@ -97,9 +94,8 @@ async fn non_canonical_secret_is_never_registered_or_authenticated() {
     assert_eq!(app.verify(&canonical).await, StatusCode::NO_CONTENT);
 }
 
-#[tokio::test]
-async fn register_forged_pair_is_403_whether_or_not_the_key_exists() {
-    let app = spawn_app().await;
+async fn register_forged_pair_is_403_whether_or_not_the_key_exists(backend: Backend) {
+    let app = spawn_app(backend).await;
     let fake = forged();
     assert_error(
         app.register(&fake).await,
@@ -130,9 +126,8 @@ async fn register_forged_pair_is_403_whether_or_not_the_key_exists() {
     assert_error(resp, StatusCode::NOT_FOUND, "CREDENTIAL_NOT_FOUND").await;
 }
 
-#[tokio::test]
-async fn register_duplicate_is_409_active_or_revoked() {
-    let app = spawn_app().await;
+async fn register_duplicate_is_409_active_or_revoked(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = app.registered().await;
     assert_error(
         app.register(&pair).await,
@@ -157,9 +152,8 @@ fn padded_body(pair: &Pair, len: usize) -> String {
     format!("{body}{}", " ".repeat(len - body.len()))
 }
 
-#[tokio::test]
-async fn register_body_limit_is_64_kib() {
-    let app = spawn_app().await;
+async fn register_body_limit_is_64_kib(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = mint();
     let post = |body: String| {
         app.client
@@ -174,9 +168,8 @@ async fn register_body_limit_is_64_kib() {
     assert_eq!(resp.status(), StatusCode::CREATED);
 }
 
-#[tokio::test]
-async fn register_requires_json_content_type() {
-    let app = spawn_app().await;
+async fn register_requires_json_content_type(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = mint();
     let body = json!({ "api_key": pair.key, "api_secret": pair.secret }).to_string();
     for content_type in [
@@ -207,9 +200,8 @@ async fn register_requires_json_content_type() {
     assert_eq!(resp.status(), StatusCode::CREATED);
 }
 
-#[tokio::test]
-async fn concurrent_registrations_of_one_key_create_exactly_one() {
-    let app = spawn_app().await;
+async fn concurrent_registrations_of_one_key_create_exactly_one(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = mint();
     let statuses: Vec<StatusCode> = join_all((0..32).map(|_| app.register(&pair)))
         .await
@@ -236,9 +228,8 @@ async fn concurrent_registrations_of_one_key_create_exactly_one() {
 
 // ---- DELETE /credentials/{api_key} -------------------------------------------------------
 
-#[tokio::test]
-async fn revoke_returns_200_and_records_who_and_when() {
-    let app = spawn_app().await;
+async fn revoke_returns_200_and_records_who_and_when(backend: Backend) {
+    let app = spawn_app(backend).await;
     let admin = app.registered().await;
     let target = app.registered().await;
     let resp = app.revoke(&target.key, &admin).await;
@@ -266,9 +257,8 @@ async fn revoke_returns_200_and_records_who_and_when() {
     assert_eq!(revoked_at.offset().local_minus_utc(), 0);
 }
 
-#[tokio::test]
-async fn revoke_requires_authentication() {
-    let app = spawn_app().await;
+async fn revoke_requires_authentication(backend: Backend) {
+    let app = spawn_app(backend).await;
     let target = app.registered().await;
     let resp = app
         .send(
@@ -283,9 +273,8 @@ async fn revoke_requires_authentication() {
     assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
 }
 
-#[tokio::test]
-async fn revoke_unknown_malformed_or_revoked_key_is_404() {
-    let app = spawn_app().await;
+async fn revoke_unknown_malformed_or_revoked_key_is_404(backend: Backend) {
+    let app = spawn_app(backend).await;
     let admin = app.registered().await;
     for key in [mint().key, "ak_short".to_owned(), "not-a-key".to_owned()] {
         assert_error(
@@ -308,9 +297,8 @@ async fn revoke_unknown_malformed_or_revoked_key_is_404() {
     .await;
 }
 
-#[tokio::test]
-async fn a_credential_may_revoke_itself() {
-    let app = spawn_app().await;
+async fn a_credential_may_revoke_itself(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = app.registered().await;
     assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
     assert_eq!(app.revoke(&pair.key, &pair).await.status(), StatusCode::OK);
@@ -323,9 +311,8 @@ async fn a_credential_may_revoke_itself() {
     .await;
 }
 
-#[tokio::test]
-async fn concurrent_revocations_of_one_key_succeed_exactly_once() {
-    let app = spawn_app().await;
+async fn concurrent_revocations_of_one_key_succeed_exactly_once(backend: Backend) {
+    let app = spawn_app(backend).await;
     let admins: Vec<Pair> = join_all((0..4).map(|_| app.registered())).await;
     let target = app.registered().await;
     let statuses: Vec<StatusCode> =
@@ -351,9 +338,8 @@ async fn concurrent_revocations_of_one_key_succeed_exactly_once() {
 
 // ---- Authentication ----------------------------------------------------------------------
 
-#[tokio::test]
-async fn every_authentication_failure_is_the_same_401() {
-    let app = spawn_app().await;
+async fn every_authentication_failure_is_the_same_401(backend: Backend) {
+    let app = spawn_app(backend).await;
     let good = app.registered().await;
     let revoked = app.registered().await;
     assert_eq!(
@@ -421,9 +407,8 @@ async fn every_authentication_failure_is_the_same_401() {
     }
 }
 
-#[tokio::test]
-async fn auth_verify_returns_204_with_the_key_header() {
-    let app = spawn_app().await;
+async fn auth_verify_returns_204_with_the_key_header(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = app.registered().await;
     let resp = app.send(Method::GET, "/auth/verify", Some(&pair)).await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
@@ -431,9 +416,8 @@ async fn auth_verify_returns_204_with_the_key_header() {
     assert!(resp.text().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn unknown_routes_and_wrong_methods_need_credentials_first() {
-    let app = spawn_app().await;
+async fn unknown_routes_and_wrong_methods_need_credentials_first(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = app.registered().await;
     for path in ["/nope", "/credentials/a/b", "/health/"] {
         let resp = app.send(Method::GET, path, None).await;
@@ -467,9 +451,8 @@ async fn unknown_routes_and_wrong_methods_need_credentials_first() {
 
 // ---- Operational and extended routes -----------------------------------------------------
 
-#[tokio::test]
-async fn health_ready_and_metrics_are_public() {
-    let app = spawn_app().await;
+async fn health_ready_and_metrics_are_public(backend: Backend) {
+    let app = spawn_app(backend).await;
     let resp = app.send(Method::GET, "/health", None).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
@@ -513,9 +496,8 @@ async fn health_ready_and_metrics_are_public() {
     assert!(common::metric_value(&text, "credgate_auth_cache_hits_total") >= 1.0);
 }
 
-#[tokio::test]
-async fn get_one_credential_active_revoked_or_unknown() {
-    let app = spawn_app().await;
+async fn get_one_credential_active_revoked_or_unknown(backend: Backend) {
+    let app = spawn_app(backend).await;
     let admin = app.registered().await;
     let resp = app
         .send(
@@ -547,9 +529,8 @@ async fn get_one_credential_active_revoked_or_unknown() {
     assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
 }
 
-#[tokio::test]
-async fn list_pages_with_a_cursor_and_filters() {
-    let app = spawn_app().await;
+async fn list_pages_with_a_cursor_and_filters(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pairs: Vec<Pair> = {
         let mut v = Vec::new();
         for _ in 0..5 {
@@ -635,3 +616,26 @@ async fn list_pages_with_a_cursor_and_filters() {
     let resp = app.send(Method::GET, "/credentials", None).await;
     assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
 }
+
+contract_tests!(
+    register_returns_201_with_the_key_only,
+    register_accepts_the_spec_test_vectors,
+    register_rejects_malformed_bodies_and_fields_with_400,
+    non_canonical_secret_is_never_registered_or_authenticated,
+    register_forged_pair_is_403_whether_or_not_the_key_exists,
+    register_duplicate_is_409_active_or_revoked,
+    register_body_limit_is_64_kib,
+    register_requires_json_content_type,
+    concurrent_registrations_of_one_key_create_exactly_one,
+    revoke_returns_200_and_records_who_and_when,
+    revoke_requires_authentication,
+    revoke_unknown_malformed_or_revoked_key_is_404,
+    a_credential_may_revoke_itself,
+    concurrent_revocations_of_one_key_succeed_exactly_once,
+    every_authentication_failure_is_the_same_401,
+    auth_verify_returns_204_with_the_key_header,
+    unknown_routes_and_wrong_methods_need_credentials_first,
+    health_ready_and_metrics_are_public,
+    get_one_credential_active_revoked_or_unknown,
+    list_pages_with_a_cursor_and_filters,
+);

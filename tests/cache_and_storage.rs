@@ -1,11 +1,12 @@
 //! The authentication cache (TTL, local and direct-SQL invalidation), database faults,
 //! the schema's triggers, what the file holds, and the connection timeouts.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
-use common::{assert_error, eventually, spawn_app, spawn_app_with};
+use common::{Backend, assert_error, eventually, spawn_app, spawn_app_with};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use sqlx::Connection;
@@ -15,9 +16,8 @@ const HITS: &str = "credgate_auth_cache_hits_total";
 const MISSES: &str = "credgate_auth_cache_misses_total";
 const LOOKUPS: &str = "credgate_db_query_duration_seconds_count{op=\"state\"}";
 
-#[tokio::test]
-async fn cached_entries_expire_after_the_ttl() {
-    let app = spawn_app_with(|c| c.cache_ttl = Duration::from_secs(1)).await;
+async fn cached_entries_expire_after_the_ttl(backend: Backend) {
+    let app = spawn_app_with(backend, |c| c.cache_ttl = Duration::from_secs(1)).await;
     let pair = app.registered().await;
     assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
     assert_eq!(app.metric(MISSES).await, 1.0);
@@ -39,9 +39,8 @@ async fn cached_entries_expire_after_the_ttl() {
     assert_eq!(app.metric(LOOKUPS).await, 2.0);
 }
 
-#[tokio::test]
-async fn forged_secrets_never_reach_cache_or_database() {
-    let app = spawn_app().await;
+async fn forged_secrets_never_reach_cache_or_database(backend: Backend) {
+    let app = spawn_app(backend).await;
     let real = app.registered().await;
     let forged = common::Pair {
         key: real.key.clone(),
@@ -59,18 +58,16 @@ async fn forged_secrets_never_reach_cache_or_database() {
     );
 }
 
-#[tokio::test]
-async fn concurrent_misses_on_one_key_make_one_lookup() {
-    let app = spawn_app().await;
+async fn concurrent_misses_on_one_key_make_one_lookup(backend: Backend) {
+    let app = spawn_app(backend).await;
     let pair = app.registered().await;
     let results = futures_util::future::join_all((0..32).map(|_| app.verify(&pair))).await;
     assert!(results.iter().all(|s| *s == StatusCode::NO_CONTENT));
     assert_eq!(app.metric(LOOKUPS).await, 1.0);
 }
 
-#[tokio::test]
-async fn revocation_through_the_api_takes_effect_at_once() {
-    let app = spawn_app().await;
+async fn revocation_through_the_api_takes_effect_at_once(backend: Backend) {
+    let app = spawn_app(backend).await;
     let admin = app.registered().await;
     let target = app.registered().await;
     assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
@@ -87,16 +84,15 @@ async fn revocation_through_the_api_takes_effect_at_once() {
     assert_eq!(app.verify(&target).await, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
-async fn direct_sql_revocation_is_honoured_long_before_the_ttl() {
-    let app = spawn_app().await; // TTL 300 s
+async fn direct_sql_revocation_is_honoured_long_before_the_ttl(backend: Backend) {
+    let app = spawn_app(backend).await; // TTL 300 s
     let admin = app.registered().await;
     let target = app.registered().await;
     assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
     assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
     assert!(app.metric(HITS).await >= 1.0);
     app.sql(&format!(
-        "UPDATE api_credential SET active = 0 WHERE api_key = '{}'",
+        "UPDATE api_credential SET active = false WHERE api_key = '{}'",
         target.key
     ))
     .await;
@@ -122,9 +118,8 @@ async fn direct_sql_revocation_is_honoured_long_before_the_ttl() {
     assert_eq!(app.verify(&admin).await, StatusCode::NO_CONTENT);
 }
 
-#[tokio::test]
-async fn database_error_during_auth_is_500_and_not_cached() {
-    let app = spawn_app().await;
+async fn database_error_during_auth_is_500_and_not_cached(backend: Backend) {
+    let app = spawn_app(backend).await;
     let cached = app.registered().await;
     let uncached = app.registered().await;
     assert_eq!(app.verify(&cached).await, StatusCode::NO_CONTENT);
@@ -153,20 +148,17 @@ async fn database_error_during_auth_is_500_and_not_cached() {
     );
 }
 
-#[tokio::test]
-async fn the_database_refuses_reactivation_and_keeps_revoked_rows() {
-    let app = spawn_app().await;
+async fn the_database_refuses_reactivation_and_keeps_revoked_rows(backend: Backend) {
+    let app = spawn_app(backend).await;
     let admin = app.registered().await;
     let target = app.registered().await;
     assert_eq!(
         app.revoke(&target.key, &admin).await.status(),
         StatusCode::OK
     );
-    let url = format!("sqlite://{}", app.db_path.display());
-    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     for statement in [
         format!(
-            "UPDATE api_credential SET active = 1 WHERE api_key = '{}'",
+            "UPDATE api_credential SET active = true WHERE api_key = '{}'",
             target.key
         ),
         format!(
@@ -178,26 +170,32 @@ async fn the_database_refuses_reactivation_and_keeps_revoked_rows() {
             admin.key
         ),
     ] {
-        let result = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.clone()))
-            .execute(&mut conn)
-            .await;
-        assert!(result.is_err(), "{statement} must be refused");
+        assert!(
+            app.try_sql(&statement).await.is_err(),
+            "{statement} must be refused"
+        );
     }
-    let active: bool = sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = ?")
-        .bind(&target.key)
-        .fetch_one(&mut conn)
+    let record: Value = app
+        .send(
+            Method::GET,
+            &format!("/credentials/{}", target.key),
+            Some(&admin),
+        )
+        .await
+        .json()
         .await
         .unwrap();
-    assert!(!active);
+    assert_eq!(record["active"], false);
+    assert_eq!(record["revoked_by"], admin.key);
     assert_eq!(app.verify(&target).await, StatusCode::UNAUTHORIZED);
     assert_eq!(app.verify(&admin).await, StatusCode::NO_CONTENT);
 }
 
 #[tokio::test]
 async fn sqlite_runs_in_wal_mode() {
-    let app = spawn_app().await;
+    let app = spawn_app(Backend::Sqlite).await;
     app.registered().await;
-    let url = format!("sqlite://{}", app.db_path.display());
+    let url = format!("sqlite://{}", app.db_path().display());
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
     let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
         .fetch_one(&mut conn)
@@ -208,7 +206,7 @@ async fn sqlite_runs_in_wal_mode() {
 
 #[tokio::test]
 async fn no_secret_is_stored_anywhere_in_the_database_files() {
-    let app = spawn_app().await;
+    let app = spawn_app(Backend::Sqlite).await;
     let mut pairs = Vec::new();
     for _ in 0..5 {
         pairs.push(app.registered().await);
@@ -218,7 +216,7 @@ async fn no_secret_is_stored_anywhere_in_the_database_files() {
         StatusCode::OK
     );
     let mut bytes = Vec::new();
-    for entry in std::fs::read_dir(app.db_path.parent().unwrap()).unwrap() {
+    for entry in std::fs::read_dir(app.db_path().parent().unwrap()).unwrap() {
         let path = entry.unwrap().path();
         if path
             .file_name()
@@ -261,7 +259,10 @@ fn base64_decode(s: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
-    let app = spawn_app_with(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| {
+        c.header_read_timeout = Duration::from_secs(1)
+    })
+    .await;
     let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     stream
         .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
@@ -277,7 +278,10 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 
 #[tokio::test]
 async fn a_request_that_takes_too_long_gets_408() {
-    let app = spawn_app_with(|c| c.request_timeout = Duration::from_secs(1)).await;
+    let app = spawn_app_with(Backend::Sqlite, |c| {
+        c.request_timeout = Duration::from_secs(1)
+    })
+    .await;
     let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     stream
         .write_all(
@@ -298,7 +302,7 @@ async fn a_request_that_takes_too_long_gets_408() {
 
 #[tokio::test]
 async fn shutdown_stops_accepting_but_finishes_in_flight_requests() {
-    let app = spawn_app().await;
+    let app = spawn_app(Backend::Sqlite).await;
     let addr = app.addr;
     let pair = common::mint();
     let body = serde_json::json!({ "api_key": pair.key, "api_secret": pair.secret }).to_string();
@@ -312,7 +316,7 @@ async fn shutdown_stops_accepting_but_finishes_in_flight_requests() {
     stream.write_all(request.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let db_path = app.db_path.clone();
+    let db_path = app.db_path();
     let stopping = tokio::spawn(app.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!stopping.is_finished(), "stopped with a request in flight");
@@ -343,3 +347,13 @@ async fn shutdown_stops_accepting_but_finishes_in_flight_requests() {
         .unwrap();
     assert_eq!(n, 1);
 }
+
+contract_tests!(
+    cached_entries_expire_after_the_ttl,
+    forged_secrets_never_reach_cache_or_database,
+    concurrent_misses_on_one_key_make_one_lookup,
+    revocation_through_the_api_takes_effect_at_once,
+    direct_sql_revocation_is_honoured_long_before_the_ttl,
+    database_error_during_auth_is_500_and_not_cached,
+    the_database_refuses_reactivation_and_keeps_revoked_rows,
+);

@@ -477,3 +477,63 @@ async fn migrate_list_and_revoke_work_on_the_database_directly() {
     assert!(stderr(&out).contains("no database"));
     assert!(!dir.path().join("missing.db").exists());
 }
+
+#[tokio::test]
+async fn serve_and_the_direct_commands_work_on_postgres() {
+    let url = common::pg::server().fresh_database().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["migrate", "--database-url", &url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key_file = dir.path().join("m.key");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let server = ServerProcess::start(&[
+        "--database-url",
+        &url,
+        "--master-key-file",
+        key_file.to_str().unwrap(),
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    let client = reqwest::Client::new();
+    let ready = eventually(Duration::from_secs(10), || async {
+        client
+            .get(server.url("/ready"))
+            .send()
+            .await
+            .map(|r| r.status() == StatusCode::OK)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(ready, "{}", server.logs());
+    let (a, b) = (common::mint(), common::mint());
+    assert_eq!(register(&client, &server, &a).await, StatusCode::CREATED);
+    assert_eq!(register(&client, &server, &b).await, StatusCode::CREATED);
+    assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
+    assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
+
+    let out = run(&["revoke", &b.key, "--database-url", &url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let refused = eventually(Duration::from_secs(3), || async {
+        verify(&client, &server, &b).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(
+        refused,
+        "a revocation by `credgate revoke` did not reach the server"
+    );
+    let out = run(&["list", "--database-url", &url]);
+    let records: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+    let out = run(&["list", "--active", "false", "--database-url", &url]);
+    let revoked: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(revoked.len(), 1);
+    assert_eq!(revoked[0]["api_key"], b.key.as_str());
+    assert_eq!(revoked[0]["revoked_by"], Value::Null);
+    assert!(revoked[0]["revoked_at"].is_string());
+}

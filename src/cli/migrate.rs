@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::DatabaseArgs;
-use crate::store::{DatabaseTarget, sqlite::SqliteStore};
+use crate::store::{self, DatabaseTarget};
 
 #[derive(Debug, Args)]
 pub(super) struct MigrateArgs {
@@ -14,17 +14,14 @@ pub(super) struct MigrateArgs {
 }
 
 pub(super) async fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
-    match args.db.target()? {
-        DatabaseTarget::Sqlite(path) => {
-            if args.db.explicit()?.is_none() {
-                crate::config::ensure_data_dir(&args.db.data.data_dir)?;
-            }
-            SqliteStore::migrate(&path).await?;
-            eprintln!("schema is up to date in {}", path.display());
-        }
-        DatabaseTarget::Postgres(_) => {
-            anyhow::bail!("PostgreSQL is not supported by this build yet; use sqlite://")
-        }
+    let target = args.db.target()?;
+    if args.db.explicit()?.is_none() {
+        crate::config::ensure_data_dir(&args.db.data.data_dir)?;
+    }
+    store::migrate(&target).await?;
+    match target {
+        DatabaseTarget::Sqlite(path) => eprintln!("schema is up to date in {}", path.display()),
+        DatabaseTarget::Postgres(_) => eprintln!("schema is up to date in PostgreSQL"),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -131,7 +131,7 @@ impl DatabaseArgs {
         if let DatabaseTarget::Sqlite(path) = &target {
             ensure_exists(path)?;
         }
-        store::open(&target, Metrics::new()?).await
+        store::open(&target, &store::StoreSettings::default(), Metrics::new()?).await
     }
 }
 

@@ -9,6 +9,7 @@ use clap::Args;
 use super::{DatabaseArgs, MasterKeyArgs};
 use crate::config::Config;
 use crate::startup::{self, Application};
+use crate::store::StoreSettings;
 use crate::telemetry::{self, LogFormat};
 
 #[derive(Debug, Args)]
@@ -39,6 +40,14 @@ pub(super) struct ServeArgs {
     /// Seconds in-flight requests may run after SIGTERM/SIGINT.
     #[arg(long, env = "CREDGATE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     shutdown_timeout: u64,
+    /// Most PostgreSQL connections for queries (the invalidation listener has one more).
+    #[arg(long, env = "CREDGATE_DB_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    db_max_connections: u32,
+    /// Seconds a database query may run, or wait for a connection, before it fails (500).
+    #[arg(long, env = "CREDGATE_DB_TIMEOUT", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    db_timeout: u64,
     /// Log format.
     #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -66,6 +75,10 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         request_timeout: Duration::from_secs(args.request_timeout),
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        store: StoreSettings {
+            max_connections: args.db_max_connections,
+            timeout: Duration::from_secs(args.db_timeout),
+        },
     };
     let app = Application::build(config).await?;
     app.run_until_stopped(startup::shutdown_signal()).await?;

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -12,6 +13,7 @@ use serde::Serialize;
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 
+pub mod postgres;
 pub mod sqlite;
 
 /// A credential as stored: never a secret, never a hash of one.
@@ -159,18 +161,45 @@ impl DatabaseTarget {
     }
 }
 
+/// Connection settings that apply to every backend.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Most database connections for queries (PostgreSQL; SQLite reads use a few).
+    pub max_connections: u32,
+    /// Longest a query may run, and longest to wait for a free connection.
+    pub timeout: Duration,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Opens (creating when absent) and migrates the database a target names.
 pub async fn open(
     target: &DatabaseTarget,
+    settings: &StoreSettings,
     metrics: Metrics,
 ) -> anyhow::Result<Arc<dyn CredentialStore>> {
     match target {
         DatabaseTarget::Sqlite(path) => Ok(Arc::new(
             sqlite::SqliteStore::open(path, sqlite::SqliteOptions::default(), metrics).await?,
         )),
-        DatabaseTarget::Postgres(_) => {
-            anyhow::bail!("PostgreSQL is not supported by this build yet; use sqlite://")
-        }
+        DatabaseTarget::Postgres(url) => Ok(Arc::new(
+            postgres::PgStore::open(url, settings, metrics).await?,
+        )),
+    }
+}
+
+/// Applies the schema to the database a target names.
+pub async fn migrate(target: &DatabaseTarget) -> anyhow::Result<()> {
+    match target {
+        DatabaseTarget::Sqlite(path) => sqlite::SqliteStore::migrate(path).await,
+        DatabaseTarget::Postgres(url) => postgres::PgStore::migrate(url).await,
     }
 }
 

@@ -3,6 +3,8 @@
 //! Set `TEST_LOG=1` to see the service's logs.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use credgate::credential::{ApiKey, MasterKey, SecretDeriver};
+use credgate::store::DatabaseTarget;
 use credgate::{Application, Config};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -63,19 +66,59 @@ fn init_test_logging() {
     }
 }
 
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one `#[tokio::test]` per backend for each named `async fn(Backend)`, in modules
+/// `sqlite` and `postgres`: the contract is written once and run against every store.
+#[macro_export]
+macro_rules! contract_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
+/// The database behind a test app.
+#[derive(Debug, Clone)]
+pub enum TestDb {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
 /// A running in-process application.
 pub struct TestApp {
     pub addr: SocketAddr,
     pub base: String,
     pub client: reqwest::Client,
     pub dir: TempDir,
-    pub db_path: PathBuf,
+    pub db: TestDb,
+    /// A connection holding a lock, while `break_database` is in force (PostgreSQL).
+    blocker: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-pub async fn spawn_app() -> TestApp {
-    spawn_app_with(|_| {}).await
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
 }
 
 /// Writes the test master key into `dir` and returns a default config for it.
@@ -88,14 +131,30 @@ pub fn test_config(dir: &Path) -> Config {
     config
 }
 
-pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
+/// A fresh database URL for `backend`, or `None` for the default SQLite file.
+pub async fn fresh_database(backend: Backend) -> Option<DatabaseTarget> {
+    match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(DatabaseTarget::Postgres(
+            pg::server().fresh_database().await,
+        )),
+    }
+}
+
+pub async fn spawn_app_with(backend: Backend, customize: impl FnOnce(&mut Config)) -> TestApp {
     init_test_logging();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = test_config(dir.path());
+    config.database = fresh_database(backend).await;
     customize(&mut config);
-    let db_path = match config.database_target() {
-        credgate::store::DatabaseTarget::Sqlite(path) => path,
-        other => panic!("unexpected target {other:?}"),
+    spawn_config(config, dir).await
+}
+
+/// Starts an application from a config whose files live in `dir`; waits until it is ready.
+pub async fn spawn_config(config: Config, dir: TempDir) -> TestApp {
+    let db = match config.database_target() {
+        DatabaseTarget::Sqlite(path) => TestDb::Sqlite(path),
+        DatabaseTarget::Postgres(url) => TestDb::Postgres(url),
     };
     let app = Application::build(config).await.expect("build app");
     let addr = app.local_addr().expect("addr");
@@ -103,15 +162,23 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
     let task = tokio::spawn(app.run_until_stopped(async {
         let _ = rx.await;
     }));
-    TestApp {
+    let app = TestApp {
         addr,
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
         dir,
-        db_path,
+        db,
+        blocker: tokio::sync::Mutex::new(None),
         shutdown: Some(tx),
         task: Some(task),
-    }
+    };
+    // On PostgreSQL the instance is ready once its invalidation listener is up.
+    let ready = eventually(Duration::from_secs(10), || async {
+        app.send(Method::GET, "/ready", None).await.status() == StatusCode::OK
+    })
+    .await;
+    assert!(ready, "application did not become ready");
+    app
 }
 
 impl TestApp {
@@ -174,9 +241,105 @@ impl TestApp {
             .status()
     }
 
-    /// Runs SQL on the database file through a connection of its own, as an operator would.
+    /// Runs SQL on the database through a connection of its own, as an operator would.
     pub async fn sql(&self, statement: &str) {
-        sql_on(&self.db_path, statement).await;
+        self.try_sql(statement).await.expect("sql");
+    }
+
+    /// Like `sql`, returning the database's refusal instead of panicking.
+    pub async fn try_sql(&self, statement: &str) -> Result<(), sqlx::Error> {
+        let statement = sqlx::AssertSqlSafe(statement.to_owned());
+        match &self.db {
+            TestDb::Sqlite(path) => {
+                let url = format!("sqlite://{}", path.display());
+                let mut conn = sqlx::SqliteConnection::connect(&url).await?;
+                let result = sqlx::raw_sql(statement)
+                    .execute(&mut conn)
+                    .await
+                    .map(|_| ());
+                conn.close().await?;
+                result
+            }
+            TestDb::Postgres(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await?;
+                let result = sqlx::raw_sql(statement)
+                    .execute(&mut conn)
+                    .await
+                    .map(|_| ());
+                conn.close().await?;
+                result
+            }
+        }
+    }
+
+    /// One text value from the database (`SELECT` returning one row and column).
+    pub async fn sql_text(&self, query: &str) -> Option<String> {
+        let query = sqlx::AssertSqlSafe(query.to_owned());
+        match &self.db {
+            TestDb::Sqlite(path) => {
+                let url = format!("sqlite://{}", path.display());
+                let mut conn = sqlx::SqliteConnection::connect(&url)
+                    .await
+                    .expect("connect");
+                sqlx::query_scalar(query)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("query")
+            }
+            TestDb::Postgres(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+                sqlx::query_scalar(query)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect("query")
+            }
+        }
+    }
+
+    /// Makes the credential table unusable for the application's queries until
+    /// `heal_database`: renamed away on SQLite; locked by an open transaction on PostgreSQL
+    /// (queries then fail on the statement timeout, so use a short `store.timeout`).
+    pub async fn break_database(&self) {
+        match &self.db {
+            TestDb::Sqlite(_) => {
+                self.sql("ALTER TABLE api_credential RENAME TO api_credential_away")
+                    .await
+            }
+            TestDb::Postgres(url) => {
+                let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+                sqlx::raw_sql("BEGIN; LOCK TABLE api_credential IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut conn)
+                    .await
+                    .expect("lock");
+                *self.blocker.lock().await = Some(conn);
+            }
+        }
+    }
+
+    pub async fn heal_database(&self) {
+        match &self.db {
+            TestDb::Sqlite(_) => {
+                self.sql("ALTER TABLE api_credential_away RENAME TO api_credential")
+                    .await
+            }
+            TestDb::Postgres(_) => {
+                if let Some(mut conn) = self.blocker.lock().await.take() {
+                    sqlx::raw_sql("ROLLBACK")
+                        .execute(&mut conn)
+                        .await
+                        .expect("unlock");
+                    conn.close().await.expect("close");
+                }
+            }
+        }
+    }
+
+    /// The SQLite file (panics on PostgreSQL).
+    pub fn db_path(&self) -> PathBuf {
+        match &self.db {
+            TestDb::Sqlite(path) => path.clone(),
+            TestDb::Postgres(_) => panic!("not an SQLite app"),
+        }
     }
 
     /// The value of one metric line (exact series text before the value).

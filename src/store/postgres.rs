@@ -1,0 +1,254 @@
+//! The PostgreSQL backend, for many stateless instances on one database.
+//!
+//! A trigger announces every change of `active` with `pg_notify`; each instance keeps one
+//! `LISTEN` connection and drops the named key from its cache. Notifications sent while that
+//! connection is down are lost, so every (re)connection clears the whole cache: a lost
+//! listener can cost cache hits, never a revocation.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+
+use super::{
+    CredentialRecord, CredentialStore, InvalidationSink, KeyState, ListQuery, Registration,
+    Revocation, StoreError, StoreSettings,
+};
+use crate::credential::ApiKey;
+use crate::telemetry::Metrics;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The notification channel the schema's trigger sends on.
+pub const CHANNEL: &str = "credgate_credential_changed";
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Credentials in one PostgreSQL database.
+pub struct PgStore {
+    pool: PgPool,
+    connect: PgConnectOptions,
+    metrics: Metrics,
+    /// Whether the LISTEN connection is up; `/ready` fails while it is not, because this
+    /// instance would not hear revocations made elsewhere.
+    listening: Arc<AtomicBool>,
+}
+
+fn connect_options(url: &str, settings: &StoreSettings) -> Result<PgConnectOptions, anyhow::Error> {
+    let timeout_ms = settings.timeout.as_millis().to_string();
+    Ok(PgConnectOptions::from_str(url)
+        .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?
+        .application_name("credgate")
+        // A wedged query fails (500) instead of holding a worker forever.
+        .options([("statement_timeout", timeout_ms.as_str())]))
+}
+
+impl PgStore {
+    /// Connects, applies migrations (serialised across instances by sqlx's advisory lock).
+    pub async fn open(
+        url: &str,
+        settings: &StoreSettings,
+        metrics: Metrics,
+    ) -> Result<Self, anyhow::Error> {
+        let connect = connect_options(url, settings)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.timeout)
+            .connect_with(connect.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot migrate PostgreSQL database: {e}"))?;
+        metrics.set_listener_connected(false);
+        Ok(Self {
+            pool,
+            connect,
+            metrics,
+            listening: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Applies migrations without starting a store (the `migrate` command).
+    pub async fn migrate(url: &str) -> Result<(), anyhow::Error> {
+        let settings = StoreSettings::default();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(settings.timeout)
+            .connect_with(connect_options(url, &settings)?)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot migrate PostgreSQL database: {e}"))?;
+        pool.close().await;
+        Ok(())
+    }
+
+    fn set_listening(&self, up: bool) {
+        self.listening.store(up, Ordering::Release);
+        self.metrics.set_listener_connected(up);
+    }
+
+    /// Connects a listener on its own one-connection pool, so it never takes a query slot.
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(self.connect.clone());
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(listener)
+    }
+}
+
+fn record(row: &PgRow) -> Result<CredentialRecord, sqlx::Error> {
+    Ok(CredentialRecord {
+        api_key: row.try_get("api_key")?,
+        active: row.try_get("active")?,
+        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
+        revoked_at: row.try_get::<Option<DateTime<Utc>>, _>("revoked_at")?,
+        revoked_by: row.try_get("revoked_by")?,
+    })
+}
+
+#[async_trait]
+impl CredentialStore for PgStore {
+    async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError> {
+        let started = Instant::now();
+        let done = sqlx::query(
+            "INSERT INTO api_credential (api_key) VALUES ($1) ON CONFLICT (api_key) DO NOTHING",
+        )
+        .bind(key.as_str())
+        .execute(&self.pool)
+        .await?;
+        self.metrics.observe_db("register", started);
+        Ok(if done.rows_affected() == 1 {
+            Registration::Created
+        } else {
+            Registration::Duplicate
+        })
+    }
+
+    async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
+        let started = Instant::now();
+        let done = sqlx::query(
+            "UPDATE api_credential SET active = false, revoked_by = $2 \
+             WHERE api_key = $1 AND active",
+        )
+        .bind(key.as_str())
+        .bind(by.map(ApiKey::as_str))
+        .execute(&self.pool)
+        .await?;
+        self.metrics.observe_db("revoke", started);
+        Ok(if done.rows_affected() == 1 {
+            Revocation::Revoked
+        } else {
+            Revocation::NotFound
+        })
+    }
+
+    async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError> {
+        let started = Instant::now();
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = $1")
+                .bind(key.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        self.metrics.observe_db("state", started);
+        Ok(match active {
+            Some(true) => KeyState::Active,
+            Some(false) => KeyState::Revoked,
+            None => KeyState::Unknown,
+        })
+    }
+
+    async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
+        let started = Instant::now();
+        let row = sqlx::query(
+            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
+             WHERE api_key = $1",
+        )
+        .bind(key.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        self.metrics.observe_db("get", started);
+        Ok(row.as_ref().map(record).transpose()?)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
+        let started = Instant::now();
+        let rows = sqlx::query(
+            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
+             WHERE ($1::text IS NULL OR api_key > $1) AND ($2::boolean IS NULL OR active = $2) \
+             ORDER BY api_key LIMIT $3",
+        )
+        .bind(query.after.as_ref().map(ApiKey::as_str))
+        .bind(query.active)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        self.metrics.observe_db("list", started);
+        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1 FROM api_credential LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        if !self.listening.load(Ordering::Acquire) {
+            return Err(StoreError(
+                "the invalidation listener is not connected".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn watch_changes(&self, sink: Arc<dyn InvalidationSink>) {
+        let mut backoff = BACKOFF_FIRST;
+        loop {
+            match self.listen().await {
+                Ok(mut listener) => {
+                    // Whatever changed while we were not listening is unknown: forget it all.
+                    sink.invalidate_all().await;
+                    self.set_listening(true);
+                    backoff = BACKOFF_FIRST;
+                    tracing::info!("listening for credential changes");
+                    loop {
+                        match listener.try_recv().await {
+                            Ok(Some(note)) => sink.invalidate(note.payload()).await,
+                            Ok(None) => {
+                                // Lost and already re-established (eager reconnect): anything
+                                // sent in between is gone.
+                                self.metrics.listener_reconnected();
+                                sink.invalidate_all().await;
+                                tracing::warn!(
+                                    "listener connection was lost and re-established; cache cleared"
+                                );
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "listener connection lost");
+                                break;
+                            }
+                        }
+                    }
+                    self.set_listening(false);
+                    self.metrics.listener_reconnected();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot listen for credential changes");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+}
