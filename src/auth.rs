@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use moka::future::Cache;
@@ -17,10 +17,11 @@ use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
 use crate::store::{CredentialStore, InvalidationSink, KeyState, StoreError};
 use crate::telemetry::{AuthResult, Metrics};
 
-/// Header carrying the api_key.
-pub const KEY_HEADER: &str = "x-api-key";
+/// Header carrying the api_key. (A `HeaderName`, not a `&str`: looking it up then needs no
+/// parsing on every request.)
+pub static KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
 /// Header carrying the api_secret.
-pub const SECRET_HEADER: &str = "x-api-secret";
+pub static SECRET_HEADER: HeaderName = HeaderName::from_static("x-api-secret");
 
 /// The authenticated caller, put into request extensions by [`require_credential`].
 #[derive(Debug, Clone)]
@@ -56,8 +57,10 @@ pub struct Authenticator {
 struct Inner {
     deriver: SecretDeriver,
     store: Arc<dyn CredentialStore>,
-    /// Keys known active; `None` when caching is disabled.
-    cache: Option<Cache<ApiKey, ()>>,
+    /// Keys known active; `None` when caching is disabled. Hashed with foldhash rather than
+    /// SipHash: only keys whose secret passed the HMAC check get here, so nobody without the
+    /// master key can choose colliding keys.
+    cache: Option<Cache<ApiKey, (), foldhash::fast::RandomState>>,
     /// Bumped on every invalidation, so a lookup that raced a revocation does not cache
     /// what it read before the revocation committed.
     epoch: AtomicU64,
@@ -76,7 +79,7 @@ impl Authenticator {
             Cache::builder()
                 .max_capacity(cache.capacity)
                 .time_to_live(cache.ttl)
-                .build()
+                .build_with_hasher(foldhash::fast::RandomState::default())
         });
         Self {
             inner: Arc::new(Inner {
@@ -107,10 +110,10 @@ impl Authenticator {
     }
 
     async fn check(&self, headers: &HeaderMap) -> Result<ApiKey, Failure> {
-        let key = header(headers, KEY_HEADER)
+        let key = header(headers, &KEY_HEADER)
             .and_then(|v| ApiKey::parse(v).ok())
             .ok_or(Failure::Form)?;
-        let secret = header(headers, SECRET_HEADER)
+        let secret = header(headers, &SECRET_HEADER)
             .and_then(|v| ApiSecret::parse(v).ok())
             .ok_or(Failure::Form)?;
         if !self.inner.deriver.verify(&key, &secret) {
@@ -161,7 +164,7 @@ impl Authenticator {
 
     /// The number of cached credentials (approximate, for metrics).
     pub fn cached(&self) -> u64 {
-        self.inner.cache.as_ref().map_or(0, Cache::entry_count)
+        self.inner.cache.as_ref().map_or(0, |c| c.entry_count())
     }
 
     /// The deriver this authenticator checks secrets with.
@@ -196,7 +199,7 @@ enum Failure {
     Store(StoreError),
 }
 
-fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+fn header<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 

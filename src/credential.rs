@@ -126,16 +126,14 @@ impl ApiSecret {
         if body.len() != SECRET_CHARS {
             return Err(FormatError::Length("43"));
         }
-        if !body
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
-            return Err(FormatError::Alphabet("base64url characters"));
-        }
-        // The engine rejects set trailing bits, so only the canonical encoding decodes.
+        // The engine checks the alphabet and rejects set trailing bits, so only the
+        // canonical encoding decodes.
         let mut bytes = [0u8; 32];
         match URL_SAFE_NO_PAD.decode_slice(body, &mut bytes) {
             Ok(32) => Ok(Self(bytes)),
+            Err(base64::DecodeSliceError::DecodeError(
+                base64::DecodeError::InvalidByte(..) | base64::DecodeError::InvalidPadding,
+            )) => Err(FormatError::Alphabet("base64url characters")),
             _ => Err(FormatError::NotCanonical),
         }
     }
@@ -227,7 +225,11 @@ impl SecretDeriver {
 
     /// Whether `secret` is the derivation of `key`, compared in constant time.
     pub fn verify(&self, key: &ApiKey, secret: &ApiSecret) -> bool {
-        self.secret_for(key).0.ct_eq(&secret.0).into()
+        // Compared as four words rather than 32 bytes: the same constant-time guarantee with
+        // an eighth of the optimisation barriers.
+        words(&self.secret_for(key).0)
+            .ct_eq(&words(&secret.0))
+            .into()
     }
 }
 
@@ -235,6 +237,16 @@ impl fmt::Debug for SecretDeriver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SecretDeriver(<redacted>)")
     }
+}
+
+fn words(bytes: &[u8; 32]) -> [u64; 4] {
+    let mut out = [0u64; 4];
+    for (word, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *word = u64::from_le_bytes(b);
+    }
+    out
 }
 
 fn derive_k(master: &MasterKey) -> [u8; 32] {

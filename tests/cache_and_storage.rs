@@ -357,3 +357,96 @@ contract_tests!(
     database_error_during_auth_is_500_and_not_cached,
     the_database_refuses_reactivation_and_keeps_revoked_rows,
 );
+
+// ---- Group commit (SQLite) -------------------------------------------------------------
+
+fn pair_for(key: &str) -> common::Pair {
+    let key = credgate::credential::ApiKey::parse(key).unwrap();
+    common::Pair {
+        secret: common::deriver().secret_for(&key).expose(),
+        key: key.into_string(),
+    }
+}
+
+#[tokio::test]
+async fn group_commit_batches_writes_and_answers_each_on_its_own() {
+    let app = spawn_app(Backend::Sqlite).await;
+    // 100 keys, each registered twice at the same time: duplicates land in the same batches.
+    let pairs: Vec<common::Pair> = (0..100).map(|_| common::mint()).collect();
+    let requests = pairs.iter().chain(pairs.iter()).map(|p| app.register(p));
+    let statuses: Vec<StatusCode> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.status())
+        .collect();
+    let (first, second) = statuses.split_at(100);
+    for (a, b) in first.iter().zip(second) {
+        let mut pair = [*a, *b];
+        pair.sort();
+        assert_eq!(
+            pair,
+            [StatusCode::CREATED, StatusCode::CONFLICT],
+            "{statuses:?}"
+        );
+    }
+    let batches = app
+        .metric("credgate_db_query_duration_seconds_count{op=\"write_batch\"}")
+        .await;
+    assert!(
+        batches < 200.0,
+        "200 concurrent writes took {batches} transactions: no batching"
+    );
+    for pair in &pairs {
+        assert_eq!(app.verify(pair).await, StatusCode::NO_CONTENT);
+    }
+}
+
+#[tokio::test]
+async fn a_failing_write_fails_alone_not_its_batch() {
+    let app = spawn_app(Backend::Sqlite).await;
+    // An operator's trigger that refuses some keys makes those inserts fail.
+    app.sql(
+        "CREATE TRIGGER refuse_some BEFORE INSERT ON api_credential \
+         WHEN NEW.api_key LIKE 'ak_FAIL%' BEGIN SELECT RAISE(ABORT, 'refused'); END",
+    )
+    .await;
+    let good: Vec<common::Pair> = (0..40).map(|_| common::mint()).collect();
+    let bad: Vec<common::Pair> = (0..10)
+        .map(|i| pair_for(&format!("ak_FAIL{i:02}{}", &common::mint().key[3..20])))
+        .collect();
+    let requests = good.iter().chain(bad.iter()).map(|p| app.register(p));
+    let statuses: Vec<StatusCode> = futures_util::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|r| r.status())
+        .collect();
+    let (good_status, bad_status) = statuses.split_at(40);
+    assert!(
+        good_status.iter().all(|s| *s == StatusCode::CREATED),
+        "{statuses:?}"
+    );
+    assert!(
+        bad_status
+            .iter()
+            .all(|s| *s == StatusCode::INTERNAL_SERVER_ERROR),
+        "{statuses:?}"
+    );
+    for pair in &good {
+        assert_eq!(app.verify(pair).await, StatusCode::NO_CONTENT);
+    }
+    for pair in &bad {
+        assert_eq!(app.verify(pair).await, StatusCode::UNAUTHORIZED);
+    }
+    // Revocations share the writer and the same isolation.
+    let admin = &good[0];
+    let revokes = good[1..11].iter().map(|p| app.revoke(&p.key, admin));
+    let statuses: Vec<StatusCode> = futures_util::future::join_all(revokes)
+        .await
+        .into_iter()
+        .map(|r| r.status())
+        .collect();
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+}

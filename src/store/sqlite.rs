@@ -27,6 +27,9 @@ use crate::telemetry::Metrics;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// Page cache of each read connection, as SQLite's `cache_size` (negative: KiB).
+const READER_CACHE_KIB: i64 = -512;
+
 /// Tuning for [`SqliteStore`].
 #[derive(Debug, Clone)]
 pub struct SqliteOptions {
@@ -43,7 +46,7 @@ pub struct SqliteOptions {
 impl Default for SqliteOptions {
     fn default() -> Self {
         Self {
-            read_connections: 4,
+            read_connections: 8,
             max_batch: 512,
             change_poll_interval: Duration::from_millis(100),
             busy_timeout: Duration::from_secs(5),
@@ -102,10 +105,19 @@ impl SqliteStore {
         MIGRATOR.run(&mut writer).await.map_err(|e| {
             anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display())
         })?;
+        // Each reader keeps a small page cache of its own: the OS page cache holds the file
+        // for all of them, and eight full-size (2 MiB) caches would be most of the memory
+        // budget.
+        let read_connect = connect
+            .clone()
+            .pragma("cache_size", READER_CACHE_KIB.to_string());
         let reads = SqlitePoolOptions::new()
             .max_connections(options.read_connections)
-            .min_connections(1)
-            .connect_with(connect.clone())
+            .min_connections(options.read_connections)
+            // A local file does not go stale like a network connection; pinging it before
+            // every query would double the cost of a cache miss.
+            .test_before_acquire(false)
+            .connect_with(read_connect)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
         let (tx, rx) = mpsc::channel(options.max_batch * 4);
