@@ -17,7 +17,7 @@ pub mod postgres;
 pub mod sqlite;
 
 /// A credential as stored: never a secret, never a hash of one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct CredentialRecord {
     /// The public key.
     pub api_key: String,
@@ -55,6 +55,17 @@ pub enum KeyState {
     Unknown,
 }
 
+impl KeyState {
+    /// The state for the `active` column of a row, or no row.
+    pub fn from_active(active: Option<bool>) -> Self {
+        match active {
+            Some(true) => Self::Active,
+            Some(false) => Self::Revoked,
+            None => Self::Unknown,
+        }
+    }
+}
+
 /// Result of a registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registration {
@@ -71,6 +82,28 @@ pub enum Revocation {
     Revoked,
     /// The key is unknown or was already revoked; nothing changed.
     NotFound,
+}
+
+impl Registration {
+    /// The outcome of an `INSERT … ON CONFLICT DO NOTHING` that touched `rows` rows.
+    pub fn from_rows(rows: u64) -> Self {
+        if rows == 1 {
+            Self::Created
+        } else {
+            Self::Duplicate
+        }
+    }
+}
+
+impl Revocation {
+    /// The outcome of an `UPDATE … WHERE active` that touched `rows` rows.
+    pub fn from_rows(rows: u64) -> Self {
+        if rows == 1 {
+            Self::Revoked
+        } else {
+            Self::NotFound
+        }
+    }
 }
 
 /// A page request for [`CredentialStore::list`].

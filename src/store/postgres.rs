@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 
 use super::{
     CredentialRecord, CredentialStore, InvalidationSink, KeyState, ListQuery, Registration,
@@ -110,16 +108,6 @@ impl PgStore {
     }
 }
 
-fn record(row: &PgRow) -> Result<CredentialRecord, sqlx::Error> {
-    Ok(CredentialRecord {
-        api_key: row.try_get("api_key")?,
-        active: row.try_get("active")?,
-        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
-        revoked_at: row.try_get::<Option<DateTime<Utc>>, _>("revoked_at")?,
-        revoked_by: row.try_get("revoked_by")?,
-    })
-}
-
 #[async_trait]
 impl CredentialStore for PgStore {
     async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError> {
@@ -131,11 +119,7 @@ impl CredentialStore for PgStore {
         .execute(&self.pool)
         .await?;
         self.metrics.observe_db("register", started);
-        Ok(if done.rows_affected() == 1 {
-            Registration::Created
-        } else {
-            Registration::Duplicate
-        })
+        Ok(Registration::from_rows(done.rows_affected()))
     }
 
     async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
@@ -149,11 +133,7 @@ impl CredentialStore for PgStore {
         .execute(&self.pool)
         .await?;
         self.metrics.observe_db("revoke", started);
-        Ok(if done.rows_affected() == 1 {
-            Revocation::Revoked
-        } else {
-            Revocation::NotFound
-        })
+        Ok(Revocation::from_rows(done.rows_affected()))
     }
 
     async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError> {
@@ -164,16 +144,12 @@ impl CredentialStore for PgStore {
                 .fetch_optional(&self.pool)
                 .await?;
         self.metrics.observe_db("state", started);
-        Ok(match active {
-            Some(true) => KeyState::Active,
-            Some(false) => KeyState::Revoked,
-            None => KeyState::Unknown,
-        })
+        Ok(KeyState::from_active(active))
     }
 
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
         let started = Instant::now();
-        let row = sqlx::query(
+        let row = sqlx::query_as::<_, CredentialRecord>(
             "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
              WHERE api_key = $1",
         )
@@ -181,12 +157,12 @@ impl CredentialStore for PgStore {
         .fetch_optional(&self.pool)
         .await?;
         self.metrics.observe_db("get", started);
-        Ok(row.as_ref().map(record).transpose()?)
+        Ok(row)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
         let started = Instant::now();
-        let rows = sqlx::query(
+        let rows = sqlx::query_as::<_, CredentialRecord>(
             "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
              WHERE ($1::text IS NULL OR api_key > $1) AND ($2::boolean IS NULL OR active = $2) \
              ORDER BY api_key LIMIT $3",
@@ -197,7 +173,7 @@ impl CredentialStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         self.metrics.observe_db("list", started);
-        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+        Ok(rows)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

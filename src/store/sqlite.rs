@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
@@ -229,11 +228,7 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
                 .bind(key.as_str())
                 .execute(&mut *tx)
                 .await?;
-                Outcome::Registration(if done.rows_affected() == 1 {
-                    Registration::Created
-                } else {
-                    Registration::Duplicate
-                })
+                Outcome::Registration(Registration::from_rows(done.rows_affected()))
             }
             WriteOp::Revoke { key, by, .. } => {
                 let done = sqlx::query(
@@ -243,26 +238,12 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
                 .bind(key.as_str())
                 .execute(&mut *tx)
                 .await?;
-                Outcome::Revocation(if done.rows_affected() == 1 {
-                    Revocation::Revoked
-                } else {
-                    Revocation::NotFound
-                })
+                Outcome::Revocation(Revocation::from_rows(done.rows_affected()))
             }
         });
     }
     tx.commit().await?;
     Ok(outcomes)
-}
-
-fn record(row: &sqlx::sqlite::SqliteRow) -> Result<CredentialRecord, sqlx::Error> {
-    Ok(CredentialRecord {
-        api_key: row.try_get("api_key")?,
-        active: row.try_get("active")?,
-        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
-        revoked_at: row.try_get::<Option<DateTime<Utc>>, _>("revoked_at")?,
-        revoked_by: row.try_get("revoked_by")?,
-    })
 }
 
 #[async_trait]
@@ -285,28 +266,24 @@ impl CredentialStore for SqliteStore {
                 .fetch_optional(&self.reads)
                 .await?;
         self.metrics.observe_db("state", started);
-        Ok(match active {
-            Some(true) => KeyState::Active,
-            Some(false) => KeyState::Revoked,
-            None => KeyState::Unknown,
-        })
+        Ok(KeyState::from_active(active))
     }
 
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
         let started = Instant::now();
-        let row = sqlx::query(
+        let row = sqlx::query_as::<_, CredentialRecord>(
             "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential WHERE api_key = ?",
         )
         .bind(key.as_str())
         .fetch_optional(&self.reads)
         .await?;
         self.metrics.observe_db("get", started);
-        Ok(row.as_ref().map(record).transpose()?)
+        Ok(row)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
         let started = Instant::now();
-        let rows = sqlx::query(
+        let rows = sqlx::query_as::<_, CredentialRecord>(
             "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
              WHERE (?1 IS NULL OR api_key > ?1) AND (?2 IS NULL OR active = ?2) \
              ORDER BY api_key LIMIT ?3",
@@ -317,7 +294,7 @@ impl CredentialStore for SqliteStore {
         .fetch_all(&self.reads)
         .await?;
         self.metrics.observe_db("list", started);
-        Ok(rows.iter().map(record).collect::<Result<_, _>>()?)
+        Ok(rows)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
