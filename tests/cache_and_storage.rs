@@ -450,3 +450,45 @@ async fn a_failing_write_fails_alone_not_its_batch() {
         "{statuses:?}"
     );
 }
+
+#[tokio::test]
+async fn the_sqlite_change_log_forgets_changes_older_than_a_day() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let pair = app.registered().await;
+    let db = app.db_path();
+    let dir = app.stop().await;
+    // One change from long ago, one from now (a revocation by SQL while nothing runs).
+    let url = format!("sqlite://{}", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO api_credential_change (api_key, changed_at) \
+         VALUES ('ak_oldoldoldoldoldold', '2000-01-01T00:00:00.000Z'); \
+         UPDATE api_credential SET active = false WHERE api_key = '{}'",
+        pair.key
+    )))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let count = "SELECT COUNT(*) FROM api_credential_change";
+    let before: i64 = sqlx::query_scalar(count)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(before, 2);
+
+    let config = common::test_config(dir.path());
+    let app = common::spawn_config(config, dir).await;
+    let pruned = eventually(Duration::from_secs(3), || async {
+        app.sql_text("SELECT CAST(COUNT(*) AS TEXT) FROM api_credential_change")
+            .await
+            .as_deref()
+            == Some("1")
+    });
+    assert!(pruned.await, "the old change was not pruned");
+    let left: String = sqlx::query_scalar("SELECT api_key FROM api_credential_change")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, pair.key);
+    assert_eq!(app.verify(&pair).await, StatusCode::UNAUTHORIZED);
+}

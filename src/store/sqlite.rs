@@ -329,7 +329,12 @@ struct ChangeWatcher {
     conn: Option<SqliteConnection>,
     data_version: i64,
     seq: Option<i64>,
+    /// When the change log was last pruned.
+    pruned: Option<Instant>,
 }
+
+/// How often the change log is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 impl ChangeWatcher {
     async fn poll(
@@ -345,17 +350,31 @@ impl ChangeWatcher {
                 .conn
                 .insert(SqliteConnection::connect_with(connect).await?),
         };
+        if self.pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            // A change older than the longest allowed TTL (one day) can concern no cached
+            // entry anywhere: the entry would have been loaded before the change, and so
+            // have expired since.
+            sqlx::query(
+                "DELETE FROM api_credential_change \
+                 WHERE changed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')",
+            )
+            .execute(&mut *conn)
+            .await?;
+            self.pruned = Some(Instant::now());
+        }
         let version: i64 = sqlx::query_scalar("PRAGMA data_version")
             .fetch_one(&mut *conn)
             .await?;
         let Some(seq) = self.seq else {
-            // First poll: start after everything that happened before we were running.
+            // First poll: start after everything that happened before we were running, and
+            // forget anything cached before we were watching.
             self.seq = Some(
                 sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM api_credential_change")
                     .fetch_one(&mut *conn)
                     .await?,
             );
             self.data_version = version;
+            sink.invalidate_all().await;
             return Ok(());
         };
         if version == self.data_version && !fresh {
