@@ -72,6 +72,9 @@ enum Outcome {
 
 /// Credentials in one SQLite file.
 pub struct SqliteStore {
+    /// The change log's last entry when the store opened: the watcher reports everything
+    /// after it, so no change between opening and the watcher's first poll is missed.
+    opened_at_seq: i64,
     reads: SqlitePool,
     writes: mpsc::Sender<WriteOp>,
     connect: SqliteConnectOptions,
@@ -119,9 +122,17 @@ impl SqliteStore {
             .connect_with(read_connect)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
+        let opened_at_seq: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM api_credential_change")
+                .fetch_one(&reads)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot read SQLite database {}: {e}", path.display())
+                })?;
         let (tx, rx) = mpsc::channel(options.max_batch * 4);
         tokio::spawn(writer_loop(writer, rx, options.max_batch, metrics.clone()));
         Ok(Self {
+            opened_at_seq,
             reads,
             writes: tx,
             connect,
@@ -308,7 +319,12 @@ impl CredentialStore for SqliteStore {
     }
 
     async fn watch_changes(&self, sink: Arc<dyn InvalidationSink>) {
-        let mut watcher = ChangeWatcher::default();
+        let mut watcher = ChangeWatcher {
+            conn: None,
+            data_version: 0,
+            seq: self.opened_at_seq,
+            pruned: None,
+        };
         let mut tick = tokio::time::interval(self.options.change_poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -324,11 +340,10 @@ impl CredentialStore for SqliteStore {
 
 /// State of the change watcher: its own connection (`data_version` is per connection) and
 /// how far into the change log it has read.
-#[derive(Default)]
 struct ChangeWatcher {
     conn: Option<SqliteConnection>,
     data_version: i64,
-    seq: Option<i64>,
+    seq: i64,
     /// When the change log was last pruned.
     pruned: Option<Instant>,
 }
@@ -365,31 +380,19 @@ impl ChangeWatcher {
         let version: i64 = sqlx::query_scalar("PRAGMA data_version")
             .fetch_one(&mut *conn)
             .await?;
-        let Some(seq) = self.seq else {
-            // First poll: start after everything that happened before we were running, and
-            // forget anything cached before we were watching.
-            self.seq = Some(
-                sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM api_credential_change")
-                    .fetch_one(&mut *conn)
-                    .await?,
-            );
-            self.data_version = version;
-            sink.invalidate_all().await;
-            return Ok(());
-        };
         if version == self.data_version && !fresh {
             return Ok(());
         }
         let rows = sqlx::query(
             "SELECT seq, api_key FROM api_credential_change WHERE seq > ? ORDER BY seq",
         )
-        .bind(seq)
+        .bind(self.seq)
         .fetch_all(&mut *conn)
         .await?;
         for row in &rows {
             let key: String = row.try_get("api_key")?;
             sink.invalidate(&key).await;
-            self.seq = Some(row.try_get("seq")?);
+            self.seq = row.try_get("seq")?;
         }
         self.data_version = version;
         Ok(())
