@@ -80,7 +80,8 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_secs(args.db_timeout),
         },
     };
+    let shutdown = startup::shutdown_signal()?;
     let app = Application::build(config).await?;
-    app.run_until_stopped(startup::shutdown_signal()).await?;
+    app.run_until_stopped(shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
