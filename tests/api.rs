@@ -237,16 +237,7 @@ async fn revoke_returns_200_and_records_who_and_when(backend: Backend) {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body, json!({ "api_key": target.key, "revoked": true }));
     assert_eq!(app.verify(&target).await, StatusCode::UNAUTHORIZED);
-    let record: Value = app
-        .send(
-            Method::GET,
-            &format!("/credentials/{}", target.key),
-            Some(&admin),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+    let record = app.record(&target.key, &admin).await;
     assert_eq!(record["active"], false);
     assert_eq!(record["revoked_by"], admin.key);
     let revoked_at = record["revoked_at"].as_str().expect("revoked_at");

@@ -102,16 +102,7 @@ async fn direct_sql_revocation_is_honoured_long_before_the_ttl(backend: Backend)
     .await;
     assert!(refused, "direct-SQL revocation not honoured within 3 s");
     // The trigger recorded when; nobody is recorded as the revoker.
-    let record: Value = app
-        .send(
-            Method::GET,
-            &format!("/credentials/{}", target.key),
-            Some(&admin),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+    let record = app.record(&target.key, &admin).await;
     assert_eq!(record["active"], false);
     assert!(record["revoked_at"].is_string());
     assert_eq!(record["revoked_by"], Value::Null);
@@ -175,16 +166,7 @@ async fn the_database_refuses_reactivation_and_keeps_revoked_rows(backend: Backe
             "{statement} must be refused"
         );
     }
-    let record: Value = app
-        .send(
-            Method::GET,
-            &format!("/credentials/{}", target.key),
-            Some(&admin),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
+    let record = app.record(&target.key, &admin).await;
     assert_eq!(record["active"], false);
     assert_eq!(record["revoked_by"], admin.key);
     assert_eq!(app.verify(&target).await, StatusCode::UNAUTHORIZED);

@@ -89,6 +89,37 @@ async fn revoke(
         .status()
 }
 
+/// `credgate list --database-url URL <extra>`, parsed.
+fn list(url: &str, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["list", "--database-url", url];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// Revokes `pair` with `credgate revoke` (another process, straight in the database) and
+/// waits until the running `server` refuses it.
+async fn revoke_with_cli(client: &reqwest::Client, server: &ServerProcess, url: &str, pair: &Pair) {
+    let out = run(&["revoke", &pair.key, "--database-url", url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
+        json!({"api_key": pair.key, "revoked": true})
+    );
+    let refused = eventually(Duration::from_secs(3), || async {
+        verify(client, server, pair).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    assert!(
+        refused,
+        "server kept accepting a credential revoked by `credgate revoke`"
+    );
+}
+
 #[tokio::test]
 async fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -438,28 +469,11 @@ async fn migrate_list_and_revoke_work_on_the_database_directly() {
     assert_eq!(register(&client, &server, &b).await, StatusCode::CREATED);
     assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
 
-    let out = run(&["revoke", &b.key, "--database-url", &url]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        serde_json::from_str::<Value>(&stdout(&out)).unwrap(),
-        json!({"api_key": b.key, "revoked": true})
-    );
+    revoke_with_cli(&client, &server, &url, &b).await;
     let out = run(&["revoke", &b.key, "--database-url", &url]);
     assert_eq!(out.status.code(), Some(1));
-    let refused = eventually(Duration::from_secs(3), || async {
-        verify(&client, &server, &b).await == StatusCode::UNAUTHORIZED
-    })
-    .await;
-    assert!(
-        refused,
-        "server kept accepting a credential revoked by another process"
-    );
 
-    let out = run(&["list", "--database-url", &url]);
-    let records: Vec<Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records = list(&url, &[]);
     assert_eq!(records.len(), 2);
     let revoked = records
         .iter()
@@ -467,8 +481,7 @@ async fn migrate_list_and_revoke_work_on_the_database_directly() {
         .unwrap();
     assert_eq!(revoked["active"], false);
     assert_eq!(revoked["revoked_by"], Value::Null);
-    let out = run(&["list", "--active", "true", "--database-url", &url]);
-    assert_eq!(stdout(&out).lines().count(), 1);
+    assert_eq!(list(&url, &["--active", "true"]).len(), 1);
 
     // The direct commands never create a database that is not there.
     let missing = format!("sqlite://{}", dir.path().join("missing.db").display());
@@ -511,27 +524,9 @@ async fn serve_and_the_direct_commands_work_on_postgres() {
     assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
     assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
 
-    let out = run(&["revoke", &b.key, "--database-url", &url]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let refused = eventually(Duration::from_secs(3), || async {
-        verify(&client, &server, &b).await == StatusCode::UNAUTHORIZED
-    })
-    .await;
-    assert!(
-        refused,
-        "a revocation by `credgate revoke` did not reach the server"
-    );
-    let out = run(&["list", "--database-url", &url]);
-    let records: Vec<Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(records.len(), 2);
-    let out = run(&["list", "--active", "false", "--database-url", &url]);
-    let revoked: Vec<Value> = stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    revoke_with_cli(&client, &server, &url, &b).await;
+    assert_eq!(list(&url, &[]).len(), 2);
+    let revoked = list(&url, &["--active", "false"]);
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0]["api_key"], b.key.as_str());
     assert_eq!(revoked[0]["revoked_by"], Value::Null);

@@ -107,16 +107,8 @@ struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
-    /// The explicit database, from the flag, `CREDGATE_DATABASE_URL` or `DATABASE_URL`.
     fn explicit(&self) -> anyhow::Result<Option<DatabaseTarget>> {
-        let url = self
-            .database_url
-            .clone()
-            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()));
-        url.map(|u| {
-            DatabaseTarget::parse(&u).map_err(|e| anyhow::anyhow!("invalid --database-url: {e}"))
-        })
-        .transpose()
+        explicit_database(self.database_url.clone())
     }
 
     fn target(&self) -> anyhow::Result<DatabaseTarget> {
@@ -133,6 +125,16 @@ impl DatabaseArgs {
         }
         store::open(&target, &store::StoreSettings::default(), Metrics::new()?).await
     }
+}
+
+/// The database named by `--database-url` / `CREDGATE_DATABASE_URL`, else `DATABASE_URL`;
+/// `None` means the default SQLite file in the data dir.
+fn explicit_database(flag: Option<String>) -> anyhow::Result<Option<DatabaseTarget>> {
+    flag.or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+        .map(|u| {
+            DatabaseTarget::parse(&u).map_err(|e| anyhow::anyhow!("invalid --database-url: {e}"))
+        })
+        .transpose()
 }
 
 fn ensure_exists(path: &Path) -> anyhow::Result<()> {

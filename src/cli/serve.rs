@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{DatabaseArgs, MasterKeyArgs};
+use super::MasterKeyArgs;
 use crate::config::Config;
 use crate::startup::{self, Application};
 use crate::store::StoreSettings;
@@ -58,13 +58,7 @@ pub(super) struct ServeArgs {
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_logging(args.log_format, &args.log_level)?;
-    let database = DatabaseArgs {
-        database_url: args.database_url,
-        data: super::DataDirArgs {
-            data_dir: args.key.data.data_dir.clone(),
-        },
-    }
-    .explicit()?;
+    let database = super::explicit_database(args.database_url)?;
     let config = Config {
         listen: args.listen,
         data_dir: args.key.data.data_dir,

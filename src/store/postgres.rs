@@ -47,24 +47,35 @@ fn connect_options(url: &str, settings: &StoreSettings) -> Result<PgConnectOptio
         .options([("statement_timeout", timeout_ms.as_str())]))
 }
 
+/// Connects a pool and applies the migrations (serialised across instances by sqlx's
+/// advisory lock).
+async fn migrated_pool(
+    connect: &PgConnectOptions,
+    max_connections: u32,
+    timeout: Duration,
+) -> Result<PgPool, anyhow::Error> {
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_with(connect.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot migrate PostgreSQL database: {e}"))?;
+    Ok(pool)
+}
+
 impl PgStore {
-    /// Connects, applies migrations (serialised across instances by sqlx's advisory lock).
+    /// Connects and applies migrations.
     pub async fn open(
         url: &str,
         settings: &StoreSettings,
         metrics: Metrics,
     ) -> Result<Self, anyhow::Error> {
         let connect = connect_options(url, settings)?;
-        let pool = PgPoolOptions::new()
-            .max_connections(settings.max_connections)
-            .acquire_timeout(settings.timeout)
-            .connect_with(connect.clone())
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot migrate PostgreSQL database: {e}"))?;
+        let pool = migrated_pool(&connect, settings.max_connections, settings.timeout).await?;
         metrics.set_listener_connected(false);
         Ok(Self {
             pool,
@@ -77,17 +88,11 @@ impl PgStore {
     /// Applies migrations without starting a store (the `migrate` command).
     pub async fn migrate(url: &str) -> Result<(), anyhow::Error> {
         let settings = StoreSettings::default();
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(settings.timeout)
-            .connect_with(connect_options(url, &settings)?)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to PostgreSQL: {e}"))?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot migrate PostgreSQL database: {e}"))?;
-        pool.close().await;
+        let connect = connect_options(url, &settings)?;
+        migrated_pool(&connect, 1, settings.timeout)
+            .await?
+            .close()
+            .await;
         Ok(())
     }
 

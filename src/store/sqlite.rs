@@ -101,12 +101,7 @@ impl SqliteStore {
         metrics: Metrics,
     ) -> Result<Self, anyhow::Error> {
         let connect = connect_options(path, options.busy_timeout);
-        let mut writer = SqliteConnection::connect_with(&connect)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
-        MIGRATOR.run(&mut writer).await.map_err(|e| {
-            anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display())
-        })?;
+        let writer = connect_migrated(path, &connect).await?;
         // Each reader keeps a small page cache of its own: the OS page cache holds the file
         // for all of them, and eight full-size (2 MiB) caches would be most of the memory
         // budget.
@@ -144,13 +139,7 @@ impl SqliteStore {
     /// Applies migrations to the file without starting a store (the `migrate` command).
     pub async fn migrate(path: &Path) -> Result<(), anyhow::Error> {
         let connect = connect_options(path, SqliteOptions::default().busy_timeout);
-        let mut conn = SqliteConnection::connect_with(&connect)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
-        MIGRATOR.run(&mut conn).await.map_err(|e| {
-            anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display())
-        })?;
-        conn.close().await?;
+        connect_migrated(path, &connect).await?.close().await?;
         Ok(())
     }
 
@@ -167,6 +156,21 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError("the SQLite writer dropped a write".into()))?
     }
+}
+
+/// Opens one connection to the file (creating it when absent) and applies the migrations.
+async fn connect_migrated(
+    path: &Path,
+    connect: &SqliteConnectOptions,
+) -> Result<SqliteConnection, anyhow::Error> {
+    let mut conn = SqliteConnection::connect_with(connect)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot migrate SQLite database {}: {e}", path.display()))?;
+    Ok(conn)
 }
 
 async fn writer_loop(

@@ -234,6 +234,15 @@ impl TestApp {
             .await
     }
 
+    /// GET /credentials/{key} as `by`, parsed.
+    pub async fn record(&self, key: &str, by: &Pair) -> Value {
+        self.send(Method::GET, &format!("/credentials/{key}"), Some(by))
+            .await
+            .json()
+            .await
+            .expect("record json")
+    }
+
     /// Status of GET /auth/verify with `pair`.
     pub async fn verify(&self, pair: &Pair) -> StatusCode {
         self.send(Method::GET, "/auth/verify", Some(pair))
