@@ -59,6 +59,10 @@ impl Application {
         }
         let metrics = Metrics::new()?;
         let store = store::open(&target, &config.store, metrics.clone()).await?;
+        store
+            .check_writable()
+            .await
+            .map_err(|e| anyhow::anyhow!("the database does not accept writes: {}", e.message()))?;
         let auth = Authenticator::new(
             SecretDeriver::new(&master),
             store.clone(),

@@ -119,12 +119,53 @@ pub struct ListQuery {
 
 /// A database failure. The message goes to logs, never to a caller.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("database error: {0}")]
-pub struct StoreError(pub Arc<str>);
+#[error("database error: {message}")]
+pub struct StoreError {
+    message: Arc<str>,
+    /// The database refused this one statement (a constraint or an operator's trigger);
+    /// the database itself is fine and other writes may go on.
+    statement: bool,
+}
+
+impl StoreError {
+    /// A failure of the database or the connection to it.
+    pub fn new(message: impl Into<Arc<str>>) -> Self {
+        Self {
+            message: message.into(),
+            statement: false,
+        }
+    }
+
+    /// What went wrong, for logs.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether only the statement was refused (a constraint or trigger), not the database
+    /// as a whole failing (I/O error, full disk, read-only file, lost connection).
+    pub fn is_statement_error(&self) -> bool {
+        self.statement
+    }
+}
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        Self(e.to_string().into())
+        // SQLite's primary result codes (the low byte of the extended code) that concern one
+        // statement: SQLITE_TOOBIG 18, SQLITE_CONSTRAINT 19, SQLITE_MISMATCH 20, SQLITE_RANGE
+        // 25. PostgreSQL's class 23 (integrity constraint violation) is the same thing.
+        let statement = match &e {
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                code.starts_with("23")
+                    || code
+                        .parse::<i32>()
+                        .is_ok_and(|c| matches!(c & 0xff, 18 | 19 | 20 | 25))
+            }),
+            _ => false,
+        };
+        Self {
+            message: e.to_string().into(),
+            statement,
+        }
     }
 }
 
@@ -156,8 +197,12 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// A page of credentials ordered by key.
     async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError>;
 
-    /// Whether the database answers.
+    /// Whether the database answers, and (SQLite) whether the last write committed.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether the database accepts durable writes now: `serve` refuses to start on one
+    /// that does not, rather than say it is ready and fail every write.
+    async fn check_writable(&self) -> Result<(), StoreError>;
 
     /// Runs until dropped, telling `sink` about changes made by anyone (other instances,
     /// direct SQL) so cached authentications do not outlive a revocation.

@@ -186,8 +186,21 @@ impl CredentialStore for PgStore {
             .fetch_optional(&self.pool)
             .await?;
         if !self.listening.load(Ordering::Acquire) {
-            return Err(StoreError(
-                "the invalidation listener is not connected".into(),
+            return Err(StoreError::new(
+                "the invalidation listener is not connected",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        let (recovering, read_only): (bool, String) =
+            sqlx::query_as("SELECT pg_is_in_recovery(), current_setting('transaction_read_only')")
+                .fetch_one(&self.pool)
+                .await?;
+        if recovering || read_only != "off" {
+            return Err(StoreError::new(
+                "the PostgreSQL server is read-only (a standby, or default_transaction_read_only is on)",
             ));
         }
         Ok(())

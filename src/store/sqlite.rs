@@ -5,7 +5,8 @@
 //! after that commit. Reads use a small pool. A watcher polls `PRAGMA data_version` and, when
 //! another connection committed, reads the `api_credential_change` log to drop changed keys.
 
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{Connection, Row};
+use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -63,11 +64,16 @@ enum WriteOp {
         by: Option<ApiKey>,
         reply: oneshot::Sender<Result<Revocation, StoreError>>,
     },
+    /// A write that changes nothing of substance: proves the database accepts commits.
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 enum Outcome {
     Registration(Registration),
     Revocation(Revocation),
+    Probe,
 }
 
 /// Credentials in one SQLite file.
@@ -77,6 +83,12 @@ pub struct SqliteStore {
     opened_at_seq: i64,
     reads: SqlitePool,
     writes: mpsc::Sender<WriteOp>,
+    /// Whether the last write committed; shared with the writer task so `/ready` tells the
+    /// truth about writes, not only about reads.
+    health: Arc<WriteHealth>,
+    /// The file opened at start: a file deleted or replaced under us is noticed.
+    file: Arc<FileIdentity>,
+    /// For connections made after opening: never creates the file.
     connect: SqliteConnectOptions,
     options: SqliteOptions,
     metrics: Metrics,
@@ -102,6 +114,10 @@ impl SqliteStore {
     ) -> Result<Self, anyhow::Error> {
         let connect = connect_options(path, options.busy_timeout);
         let writer = connect_migrated(path, &connect).await?;
+        let file =
+            Arc::new(FileIdentity::open(path).map_err(|e| {
+                anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display())
+            })?);
         // Each reader keeps a small page cache of its own: the OS page cache holds the file
         // for all of them, and eight full-size (2 MiB) caches would be most of the memory
         // budget.
@@ -124,13 +140,25 @@ impl SqliteStore {
                 .map_err(|e| {
                     anyhow::anyhow!("cannot read SQLite database {}: {e}", path.display())
                 })?;
+        // Reconnecting must never create a fresh, empty database in place of a deleted one.
+        let reopen = connect.clone().create_if_missing(false);
         let (tx, rx) = mpsc::channel(options.max_batch * 4);
-        tokio::spawn(writer_loop(writer, rx, options.max_batch, metrics.clone()));
+        let health = Arc::new(WriteHealth::default());
+        let writer = Writer {
+            conn: Some(writer),
+            connect: reopen.clone(),
+            file: file.clone(),
+            health: health.clone(),
+            metrics: metrics.clone(),
+        };
+        tokio::spawn(writer.run(rx, options.max_batch));
         Ok(Self {
             opened_at_seq,
             reads,
             writes: tx,
-            connect,
+            health,
+            file,
+            connect: reopen,
             options,
             metrics,
         })
@@ -151,10 +179,10 @@ impl SqliteStore {
         self.writes
             .send(make(reply))
             .await
-            .map_err(|_| StoreError("the SQLite writer has stopped".into()))?;
+            .map_err(|_| StoreError::new("the SQLite writer has stopped"))?;
         answer
             .await
-            .map_err(|_| StoreError("the SQLite writer dropped a write".into()))?
+            .map_err(|_| StoreError::new("the SQLite writer dropped a write"))?
     }
 }
 
@@ -173,37 +201,207 @@ async fn connect_migrated(
     Ok(conn)
 }
 
-async fn writer_loop(
-    mut conn: SqliteConnection,
-    mut rx: mpsc::Receiver<WriteOp>,
-    max_batch: usize,
+/// How often the writer, while writes are failing, tries a probe write to find out whether
+/// the database accepts them again (and, when healthy, checks the file is still in place).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether writes commit. Failures are logged when the state changes, not per write.
+#[derive(Default)]
+struct WriteHealth {
+    failure: std::sync::Mutex<Option<String>>,
+}
+
+impl WriteHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // The guarded value is a plain Option: a panic elsewhere cannot leave it half-written.
+        self.failure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self, reason: &str) {
+        let mut failure = self.lock();
+        if failure.is_none() {
+            tracing::error!(
+                error = reason,
+                "SQLite writes are failing: writes are refused and /ready answers 503 until one commits again"
+            );
+        }
+        *failure = Some(reason.to_owned());
+    }
+
+    fn succeeded(&self) {
+        if self.lock().take().is_some() {
+            tracing::info!("SQLite writes commit again; ready");
+        }
+    }
+
+    fn is_failing(&self) -> bool {
+        self.lock().is_some()
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        match &*self.lock() {
+            None => Ok(()),
+            Some(reason) => Err(StoreError::new(format!("writes are failing: {reason}"))),
+        }
+    }
+}
+
+/// The database file as it was opened. SQLite keeps writing into a file that was deleted or
+/// replaced under it; those writes are lost at the next start, so they must not be answered
+/// as durable.
+struct FileIdentity {
+    path: PathBuf,
+    /// Held open so its link count tells whether it was deleted.
+    file: std::fs::File,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        let meta = file.metadata()?;
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+
+    /// Fails when the opened file is no longer the one at its path.
+    fn check(&self) -> Result<(), String> {
+        let path = self.path.display();
+        match std::fs::metadata(&self.path) {
+            Ok(now) if (now.dev(), now.ino()) == (self.dev, self.ino) => {}
+            Ok(_) => {
+                return Err(format!(
+                    "the database file {path} was replaced by another file while in use; restart credgate"
+                ));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "the database file {path} was moved or deleted while in use; restart credgate"
+                ));
+            }
+            Err(e) => return Err(format!("cannot stat the database file {path}: {e}")),
+        }
+        // Still at its path, yet unlinked: only a race with a delete and a re-link gets here.
+        let held = self
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot stat the open database file {path}: {e}"))?;
+        if held.nlink() == 0 {
+            return Err(format!(
+                "the database file {path} was deleted while in use; restart credgate"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The one task that writes. It owns its connection, and throws it away after any failed
+/// write: a connection whose `COMMIT` failed may still be inside a transaction, and every
+/// later write would then land in a transaction that is never committed.
+struct Writer {
+    conn: Option<SqliteConnection>,
+    connect: SqliteConnectOptions,
+    file: Arc<FileIdentity>,
+    health: Arc<WriteHealth>,
     metrics: Metrics,
-) {
-    let mut batch = Vec::with_capacity(max_batch);
-    while rx.recv_many(&mut batch, max_batch).await > 0 {
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
+        let mut batch = Vec::with_capacity(max_batch);
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                received = rx.recv_many(&mut batch, max_batch) => {
+                    if received == 0 {
+                        break;
+                    }
+                    self.commit(&mut batch).await;
+                }
+                _ = tick.tick() => self.watch().await,
+            }
+        }
+        if let Some(conn) = self.conn.take()
+            && let Err(e) = conn.close().await
+        {
+            tracing::warn!(error = %e, "closing the SQLite writer connection");
+        }
+    }
+
+    /// Between writes: notice a deleted file at once, and while writes fail, probe until
+    /// one commits so readiness comes back without waiting for a client to write.
+    async fn watch(&mut self) {
+        if let Err(reason) = self.file.check() {
+            self.fail(&reason);
+        } else if self.health.is_failing() {
+            let (reply, _) = oneshot::channel();
+            let mut probe = vec![WriteOp::Probe { reply }];
+            self.commit(&mut probe).await;
+        }
+    }
+
+    fn fail(&mut self, reason: &str) {
+        self.conn = None;
+        self.health.failed(reason);
+    }
+
+    /// The connection, reopened when the last write failed.
+    async fn connection(&mut self) -> Result<&mut SqliteConnection, StoreError> {
+        self.file.check().map_err(StoreError::new)?;
+        if self.conn.is_none() {
+            self.conn = Some(SqliteConnection::connect_with(&self.connect).await?);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| StoreError::new("the SQLite writer has no connection"))
+    }
+
+    /// Commits a batch and answers every write in it, each only after its commit.
+    async fn commit(&mut self, batch: &mut Vec<WriteOp>) {
         let started = Instant::now();
-        let result = apply(&mut conn, &batch).await;
-        metrics.observe_db("write_batch", started);
+        let result = match self.connection().await {
+            Ok(conn) => apply(conn, batch).await,
+            Err(e) => Err(e),
+        };
+        self.metrics.observe_db("write_batch", started);
+        let result = result.and_then(|outcomes| {
+            // Committed into a file nobody will open again: not durable, not acknowledged.
+            self.file.check().map_err(StoreError::new)?;
+            Ok(outcomes)
+        });
         match result {
-            Ok(outcomes) => answer(batch.drain(..), outcomes.into_iter().map(Ok)),
-            Err(e) if batch.len() > 1 => {
-                // One bad write must not fail its neighbours: retry each on its own.
-                tracing::warn!(error = %e, size = batch.len(), "write batch failed; retrying one by one");
-                for op in batch.drain(..) {
-                    let one = std::slice::from_ref(&op);
-                    let result = apply(&mut conn, one).await.map(|mut o| o.remove(0));
-                    answer(std::iter::once(op), std::iter::once(result));
+            Ok(outcomes) => {
+                self.health.succeeded();
+                answer(batch.drain(..), outcomes.into_iter().map(Ok));
+            }
+            Err(e) if e.is_statement_error() && batch.len() > 1 => {
+                // One write refused by the database (an operator's trigger, say) must not
+                // fail its neighbours: retry each on its own.
+                self.conn = None;
+                tracing::warn!(error = %e, size = batch.len(), "write batch refused; retrying one by one");
+                let ops = std::mem::take(batch);
+                for op in ops {
+                    let mut one = vec![op];
+                    Box::pin(self.commit(&mut one)).await;
                 }
             }
+            Err(e) if e.is_statement_error() => {
+                self.conn = None;
+                tracing::warn!(error = %e, "write refused by the database");
+                answer(batch.drain(..), std::iter::once(Err(e)));
+            }
             Err(e) => {
-                tracing::error!(error = %e, "write failed");
+                self.fail(e.message());
                 let n = batch.len();
                 answer(batch.drain(..), (0..n).map(|_| Err(e.clone())));
             }
         }
-    }
-    if let Err(e) = conn.close().await {
-        tracing::warn!(error = %e, "closing the SQLite writer connection");
     }
 }
 
@@ -213,51 +411,79 @@ fn answer(
 ) {
     for (op, outcome) in ops.zip(outcomes) {
         // A caller that went away (client disconnected) is not an error: its write stands.
+        let mismatch = || StoreError::new("writer outcome mismatch");
         match op {
             WriteOp::Register { reply, .. } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::Registration(r) => Ok(r),
-                    Outcome::Revocation(_) => Err(StoreError("writer outcome mismatch".into())),
+                    _ => Err(mismatch()),
                 }));
             }
             WriteOp::Revoke { reply, .. } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::Revocation(r) => Ok(r),
-                    Outcome::Registration(_) => Err(StoreError("writer outcome mismatch".into())),
+                    _ => Err(mismatch()),
+                }));
+            }
+            WriteOp::Probe { reply } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Probe => Ok(()),
+                    _ => Err(mismatch()),
                 }));
             }
         }
     }
 }
 
-/// Applies writes in one transaction; answers exist only once it has committed.
+/// Applies writes in one transaction; answers exist only once `COMMIT` returned OK.
+///
+/// The transaction is plain SQL rather than sqlx's `Transaction`: sqlx counts nesting
+/// itself, and after a failed `COMMIT` that count and SQLite's state can disagree, turning
+/// every later `BEGIN` into a savepoint that is never committed. A connection that failed
+/// here is discarded by the caller, so each batch starts on a connection in autocommit mode
+/// (and `BEGIN` itself fails if it were not).
 async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outcome>, StoreError> {
-    let mut tx = conn.begin().await?;
+    sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     let mut outcomes = Vec::with_capacity(ops.len());
     for op in ops {
-        outcomes.push(match op {
-            WriteOp::Register { key, .. } => {
-                let done = sqlx::query(
-                    "INSERT INTO api_credential (api_key) VALUES (?) ON CONFLICT (api_key) DO NOTHING",
-                )
-                .bind(key.as_str())
-                .execute(&mut *tx)
-                .await?;
-                Outcome::Registration(Registration::from_rows(done.rows_affected()))
+        let outcome = match op {
+            WriteOp::Register { key, .. } => sqlx::query(
+                "INSERT INTO api_credential (api_key) VALUES (?) ON CONFLICT (api_key) DO NOTHING",
+            )
+            .bind(key.as_str())
+            .execute(&mut *conn)
+            .await
+            .map(|done| Outcome::Registration(Registration::from_rows(done.rows_affected()))),
+            WriteOp::Revoke { key, by, .. } => sqlx::query(
+                "UPDATE api_credential SET active = 0, revoked_by = ? WHERE api_key = ? AND active = 1",
+            )
+            .bind(by.as_ref().map(ApiKey::as_str))
+            .bind(key.as_str())
+            .execute(&mut *conn)
+            .await
+            .map(|done| Outcome::Revocation(Revocation::from_rows(done.rows_affected()))),
+            WriteOp::Probe { .. } => sqlx::query(
+                "INSERT INTO credgate_write_probe (id, at) \
+                 VALUES (1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
+                 ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+            )
+            .execute(&mut *conn)
+            .await
+            .map(|_| Outcome::Probe),
+        };
+        match outcome {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => {
+                // Best effort: the caller discards this connection whatever happens here.
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+                return Err(e.into());
             }
-            WriteOp::Revoke { key, by, .. } => {
-                let done = sqlx::query(
-                    "UPDATE api_credential SET active = 0, revoked_by = ? WHERE api_key = ? AND active = 1",
-                )
-                .bind(by.as_ref().map(ApiKey::as_str))
-                .bind(key.as_str())
-                .execute(&mut *tx)
-                .await?;
-                Outcome::Revocation(Revocation::from_rows(done.rows_affected()))
-            }
-        });
+        }
     }
-    tx.commit().await?;
+    if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
+    }
     Ok(outcomes)
 }
 
@@ -314,12 +540,27 @@ impl CredentialStore for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         if self.writes.is_closed() {
-            return Err(StoreError("the SQLite writer has stopped".into()));
+            return Err(StoreError::new("the SQLite writer has stopped"));
         }
+        self.file.check().map_err(StoreError::new)?;
+        self.health.check()?;
         sqlx::query("SELECT 1 FROM api_credential LIMIT 1")
             .fetch_optional(&self.reads)
             .await?;
         Ok(())
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.file.check().map_err(StoreError::new)?;
+        // A connection of its own, so a failure here is reported to the caller alone and
+        // leaves the writer's state untouched.
+        let mut conn = SqliteConnection::connect_with(&self.connect).await?;
+        let (reply, _) = oneshot::channel();
+        let result = apply(&mut conn, &[WriteOp::Probe { reply }]).await;
+        let _ = conn.close().await;
+        result
+            .map(|_| ())
+            .map_err(|e| StoreError::new(format!("{}: {}", self.file.path.display(), e.message())))
     }
 
     async fn watch_changes(&self, sink: Arc<dyn InvalidationSink>) {
@@ -329,14 +570,28 @@ impl CredentialStore for SqliteStore {
             seq: self.opened_at_seq,
             pruned: None,
         };
+        // Polled ten times a second: its statements would drown the debug log.
+        let connect = self.connect.clone().disable_statement_logging();
+        let mut failing = false;
         let mut tick = tokio::time::interval(self.options.change_poll_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = watcher.poll(&self.connect, sink.as_ref()).await {
-                // Entries still expire with the TTL; the log keeps what we missed for later.
-                tracing::warn!(error = %e, "SQLite change watcher");
-                watcher.conn = None;
+            match watcher.poll(&connect, sink.as_ref()).await {
+                Err(e) => {
+                    // Entries still expire with the TTL; the log keeps what we missed for
+                    // later. Logged once per outage, not ten times a second.
+                    if !failing {
+                        tracing::warn!(error = %e, "SQLite change watcher cannot read the change log");
+                        failing = true;
+                    }
+                    watcher.conn = None;
+                }
+                Ok(()) if failing => {
+                    tracing::info!("SQLite change watcher reads the change log again");
+                    failing = false;
+                }
+                Ok(()) => {}
             }
         }
     }

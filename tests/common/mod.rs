@@ -520,6 +520,51 @@ impl ServerProcess {
         self.logs.lock().expect("logs").clone()
     }
 
+    /// POST /credentials with `pair`; the status.
+    pub async fn register(&self, client: &reqwest::Client, pair: &Pair) -> StatusCode {
+        client
+            .post(self.url("/credentials"))
+            .json(&serde_json::json!({ "api_key": pair.key, "api_secret": pair.secret }))
+            .send()
+            .await
+            .expect("send")
+            .status()
+    }
+
+    /// GET /auth/verify with `pair`; the status.
+    pub async fn verify(&self, client: &reqwest::Client, pair: &Pair) -> StatusCode {
+        client
+            .get(self.url("/auth/verify"))
+            .header("X-Api-Key", &pair.key)
+            .header("X-Api-Secret", &pair.secret)
+            .send()
+            .await
+            .expect("send")
+            .status()
+    }
+
+    /// DELETE /credentials/{key} as `by`; the status.
+    pub async fn revoke(&self, client: &reqwest::Client, key: &str, by: &Pair) -> StatusCode {
+        client
+            .delete(self.url(&format!("/credentials/{key}")))
+            .header("X-Api-Key", &by.key)
+            .header("X-Api-Secret", &by.secret)
+            .send()
+            .await
+            .expect("send")
+            .status()
+    }
+
+    /// GET /ready; the status.
+    pub async fn ready(&self, client: &reqwest::Client) -> StatusCode {
+        client
+            .get(self.url("/ready"))
+            .send()
+            .await
+            .expect("send")
+            .status()
+    }
+
     /// Sends a signal and waits (bounded) for the process to exit.
     pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
         let pid = self.child.id() as i32;

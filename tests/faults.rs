@@ -1,0 +1,489 @@
+//! What a faulty world does to the service, with real faults: a full disk, database files
+//! that turn unwritable or disappear under a running server, an unwritable database at
+//! start-up, a PostgreSQL server that restarts mid-burst. Every test keeps a ledger of each
+//! write answered 2xx and checks that each is still true after a restart.
+//!
+//! The SQLite faults need root (tmpfs mounts, `chattr`); without it they are skipped with a
+//! message saying so.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Backend, MASTER_HEX, Pair, ServerProcess, binary, eventually, mint};
+use reqwest::StatusCode;
+use sqlx::Connection;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Runs a system command, true when it succeeded.
+fn sh(program: &str, args: &[&str]) -> bool {
+    Command::new(program)
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes files immutable (even for root) until dropped.
+struct Immutable(Vec<PathBuf>);
+
+impl Immutable {
+    fn set(paths: &[PathBuf]) -> Option<Self> {
+        for path in paths {
+            if !sh("chattr", &["+i", path.to_str()?]) {
+                return None;
+            }
+        }
+        Some(Self(paths.to_vec()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            if let Some(p) = path.to_str() {
+                sh("chattr", &["-i", p]);
+            }
+        }
+    }
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).ok()?;
+        let opts = format!("size={size}");
+        sh(
+            "mount",
+            &["-t", "tmpfs", "-o", &opts, "tmpfs", at.to_str()?],
+        )
+        .then(|| Self(at.into()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.to_str() {
+            sh("umount", &["-l", p]);
+        }
+    }
+}
+
+/// Every write the service acknowledged.
+#[derive(Default)]
+struct Ledger {
+    registered: Vec<Pair>,
+    revoked: Vec<Pair>,
+}
+
+impl Ledger {
+    /// Registers a fresh pair; records it when the answer is 201.
+    async fn register(&mut self, client: &reqwest::Client, server: &ServerProcess) -> StatusCode {
+        let pair = mint();
+        let status = server.register(client, &pair).await;
+        if status.is_success() {
+            assert_eq!(status, StatusCode::CREATED);
+            self.registered.push(pair);
+        }
+        status
+    }
+
+    /// Checks every acknowledged write against a (restarted) server: registered keys exist
+    /// (409 on a second registration) and work unless revoked; revoked keys are refused.
+    async fn check(&self, client: &reqwest::Client, server: &ServerProcess) {
+        for pair in &self.registered {
+            assert_eq!(
+                server.register(client, pair).await,
+                StatusCode::CONFLICT,
+                "an acknowledged registration was lost: {}",
+                pair.key
+            );
+            let revoked = self.revoked.iter().any(|r| r.key == pair.key);
+            let expected = if revoked {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::NO_CONTENT
+            };
+            assert_eq!(server.verify(client, pair).await, expected, "{}", pair.key);
+        }
+    }
+}
+
+fn key_file(dir: &Path) -> PathBuf {
+    let path = dir.join("master.hex");
+    std::fs::write(&path, format!("{MASTER_HEX}\n")).expect("write key");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod key");
+    path
+}
+
+fn serve(data: &Path, key: &Path) -> ServerProcess {
+    ServerProcess::start(&[
+        "--data-dir",
+        data.to_str().expect("utf-8 path"),
+        "--master-key-file",
+        key.to_str().expect("utf-8 path"),
+    ])
+}
+
+async fn becomes_ready(
+    client: &reqwest::Client,
+    server: &ServerProcess,
+    status: StatusCode,
+) -> bool {
+    eventually(Duration::from_secs(10), || async {
+        server.ready(client).await == status
+    })
+    .await
+}
+
+fn count_lines(logs: &str, needle: &str) -> usize {
+    logs.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// The one line the service logs when writes start failing.
+const WRITES_FAILING: &str = "SQLite writes are failing";
+
+#[tokio::test]
+async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "2M") else {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    };
+    let key = key_file(dir.path());
+    let data = disk.0.join("data");
+    let client = reqwest::Client::new();
+    let mut server = serve(&data, &key);
+    let mut ledger = Ledger::default();
+    assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+
+    // Fill the disk, then leave a little room so some writes still fit.
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let len = f.metadata().unwrap().len();
+        f.set_len(len.saturating_sub(48 * 1024)).unwrap();
+    }
+    let mut failed = 0;
+    for _ in 0..5000 {
+        if ledger.register(&client, &server).await == StatusCode::INTERNAL_SERVER_ERROR {
+            failed += 1;
+            break;
+        }
+    }
+    assert_eq!(failed, 1, "the disk never filled up");
+    assert_eq!(server.ready(&client).await, StatusCode::SERVICE_UNAVAILABLE);
+    // Still full: whatever is answered 201 now must be true as well.
+    for _ in 0..10 {
+        ledger.register(&client, &server).await;
+    }
+
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        becomes_ready(&client, &server, StatusCode::OK).await,
+        "/ready did not recover once the disk had space"
+    );
+    for _ in 0..20 {
+        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+    }
+    let admin = ledger.registered[0].clone();
+    let target = ledger.registered[ledger.registered.len() - 1].clone();
+    assert_eq!(
+        server.revoke(&client, &target.key, &admin).await,
+        StatusCode::OK
+    );
+    ledger.revoked.push(target.clone());
+    assert_eq!(
+        server.verify(&client, &target).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let logs = server.logs();
+    assert_eq!(count_lines(&logs, WRITES_FAILING), 1, "{logs}");
+
+    assert!(!server.signal_and_wait(libc::SIGKILL).success());
+    let server = serve(&data, &key);
+    ledger.check(&client, &server).await;
+    drop(server);
+    drop(disk);
+}
+
+#[tokio::test]
+async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover() {
+    if !is_root() {
+        eprintln!("skipped: chattr +i needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let data = dir.path().join("data");
+    let client = reqwest::Client::new();
+    let mut server = serve(&data, &key);
+    let mut ledger = Ledger::default();
+    for _ in 0..10 {
+        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+    }
+    let db = data.join("credgate.db");
+    let wal = data.join("credgate.db-wal");
+    let Some(lock) = Immutable::set(&[db.clone(), wal.clone()]) else {
+        eprintln!("skipped: chattr +i is not supported on this file system");
+        return;
+    };
+    let mut refused = 0;
+    for _ in 0..10 {
+        let status = ledger.register(&client, &server).await;
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 10, "writes into immutable files were acknowledged");
+    assert_eq!(server.ready(&client).await, StatusCode::SERVICE_UNAVAILABLE);
+    // The writer holds no lock while it cannot write: the break-glass CLI is not blocked by
+    // it (it fails on the immutable file itself, not on `database is locked`).
+    let out = binary()
+        .args(["revoke", &ledger.registered[1].key, "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("locked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    drop(lock);
+    assert!(
+        becomes_ready(&client, &server, StatusCode::OK).await,
+        "/ready did not recover once the files were writable"
+    );
+    for _ in 0..20 {
+        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+    }
+    let (admin, target) = (ledger.registered[0].clone(), ledger.registered[2].clone());
+    assert_eq!(
+        server.revoke(&client, &target.key, &admin).await,
+        StatusCode::OK
+    );
+    ledger.revoked.push(target);
+    let logs = server.logs();
+    assert_eq!(count_lines(&logs, WRITES_FAILING), 1, "{logs}");
+
+    assert!(!server.signal_and_wait(libc::SIGKILL).success());
+    let server = serve(&data, &key);
+    ledger.check(&client, &server).await;
+}
+
+#[tokio::test]
+async fn a_database_file_deleted_under_the_server_gets_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let data = dir.path().join("data");
+    let client = reqwest::Client::new();
+    let server = serve(&data, &key);
+    let mut ledger = Ledger::default();
+    for _ in 0..5 {
+        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+    }
+    let admin = ledger.registered[0].clone();
+    std::fs::remove_file(data.join("credgate.db")).unwrap();
+    assert!(
+        becomes_ready(&client, &server, StatusCode::SERVICE_UNAVAILABLE).await,
+        "/ready stayed 200 with the database file deleted"
+    );
+    let before = ledger.registered.len();
+    for _ in 0..10 {
+        let status = ledger.register(&client, &server).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let target = ledger.registered[1].clone();
+    assert_eq!(
+        server.revoke(&client, &target.key, &admin).await,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(ledger.registered.len(), before);
+    // The file was not recreated behind the operator's back.
+    assert!(!data.join("credgate.db").exists());
+    let logs = server.logs();
+    assert_eq!(count_lines(&logs, WRITES_FAILING), 1, "{logs}");
+    assert!(logs.contains("deleted"), "{logs}");
+}
+
+#[tokio::test]
+async fn a_database_file_replaced_under_the_server_gets_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let data = dir.path().join("data");
+    let client = reqwest::Client::new();
+    let server = serve(&data, &key);
+    let mut ledger = Ledger::default();
+    assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+    // A restore from a copy, done the usual way: copy, then rename over the original.
+    let db = data.join("credgate.db");
+    std::fs::copy(&db, data.join("copy.db")).unwrap();
+    std::fs::rename(data.join("copy.db"), &db).unwrap();
+    assert!(
+        becomes_ready(&client, &server, StatusCode::SERVICE_UNAVAILABLE).await,
+        "/ready stayed 200 with the database file replaced"
+    );
+    assert_eq!(
+        ledger.register(&client, &server).await,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert!(server.logs().contains("replaced"), "{}", server.logs());
+}
+
+/// `credgate serve` with these arguments fails at start: exit 2, one line on stderr.
+fn assert_start_fails(data: &Path, key: &Path, mentions: &str) {
+    let mut child = binary()
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .arg("--master-key-file")
+        .arg(key)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serve started on an unwritable database"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(mentions), "{stderr}");
+}
+
+#[tokio::test]
+async fn an_unwritable_database_stops_serve_at_start() {
+    if !is_root() {
+        eprintln!("skipped: chattr +i needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path());
+    let data = dir.path().join("data");
+    let out = binary()
+        .args(["migrate", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!data.join("credgate.db-wal").exists());
+    {
+        // The directory: SQLite cannot create its WAL next to the database.
+        let Some(_lock) = Immutable::set(std::slice::from_ref(&data)) else {
+            eprintln!("skipped: chattr +i is not supported on this file system");
+            return;
+        };
+        assert_start_fails(&data, &key, "credgate.db");
+    }
+    {
+        let _lock = Immutable::set(&[data.join("credgate.db")]).unwrap();
+        assert_start_fails(&data, &key, "credgate.db");
+    }
+    // Writable again: it starts.
+    let client = reqwest::Client::new();
+    let server = serve(&data, &key);
+    assert_eq!(server.ready(&client).await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarting_mid_burst_loses_no_acknowledged_write() {
+    // This test binary's PostgreSQL server is its own: stopping it disturbs no other test.
+    let app = common::spawn_app_with(Backend::Postgres, |c| {
+        c.store.timeout = Duration::from_secs(2);
+    })
+    .await;
+    let common::TestDb::Postgres(url) = app.db.clone() else {
+        unreachable!("a PostgreSQL app")
+    };
+    let app = Arc::new(app);
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (app, stop) = (app.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut failed) = (Vec::new(), 0usize);
+                while !stop.load(Ordering::Relaxed) {
+                    let pair = mint();
+                    match app.register(&pair).await.status() {
+                        StatusCode::CREATED => acked.push(pair),
+                        s if s.is_success() => panic!("unexpected {s}"),
+                        _ => failed += 1,
+                    }
+                }
+                (acked, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server = common::pg::server();
+    tokio::task::block_in_place(|| server.stop());
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    tokio::task::block_in_place(|| server.launch()).expect("restart postgres");
+    // Writes come back by themselves once the server is up.
+    let recovered = eventually(Duration::from_secs(15), || async {
+        app.register(&mint()).await.status() == StatusCode::CREATED
+    })
+    .await;
+    assert!(
+        recovered,
+        "registrations did not recover after PostgreSQL restarted"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    let mut failed = 0;
+    for worker in workers {
+        let (a, f) = worker.await.unwrap();
+        acked.extend(a);
+        failed += f;
+    }
+    assert!(failed > 0, "the outage did not fail a single write");
+    assert!(!acked.is_empty());
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let keys: Vec<String> = acked.iter().map(|p| p.key.clone()).collect();
+    let found: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM api_credential WHERE active AND api_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        found as usize,
+        keys.len(),
+        "acknowledged registrations lost"
+    );
+    assert_eq!(
+        app.send(reqwest::Method::GET, "/ready", None)
+            .await
+            .status(),
+        StatusCode::OK
+    );
+}
