@@ -113,15 +113,46 @@ impl PgStore {
     }
 }
 
+/// Most times a write is run again after a serialization failure or a deadlock.
+const TRANSIENT_RETRIES: u32 = 3;
+
+/// Runs a one-statement write, again when PostgreSQL aborted it with a serialization failure
+/// (40001, possible when an operator sets `default_transaction_isolation = serializable`) or
+/// a deadlock (40P01): the statement then took no effect, so running it again is safe. Any
+/// other failure, a lost connection included, is answered as an error and never as success:
+/// whether such a write committed is unknown, and a retried registration would answer 409.
+async fn retrying<T, F, Fut>(mut run: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match run().await {
+            Err(sqlx::Error::Database(db))
+                if attempt < TRANSIENT_RETRIES
+                    && matches!(db.code().as_deref(), Some("40001" | "40P01")) =>
+            {
+                attempt += 1;
+                tracing::debug!(error = %db, attempt, "transient write failure; running it again");
+                tokio::time::sleep(Duration::from_millis(5 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[async_trait]
 impl CredentialStore for PgStore {
     async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError> {
         let started = Instant::now();
-        let done = sqlx::query(
-            "INSERT INTO api_credential (api_key) VALUES ($1) ON CONFLICT (api_key) DO NOTHING",
-        )
-        .bind(key.as_str())
-        .execute(&self.pool)
+        let done = retrying(|| {
+            sqlx::query(
+                "INSERT INTO api_credential (api_key) VALUES ($1) ON CONFLICT (api_key) DO NOTHING",
+            )
+            .bind(key.as_str())
+            .execute(&self.pool)
+        })
         .await?;
         self.metrics.observe_db("register", started);
         Ok(Registration::from_rows(done.rows_affected()))
@@ -129,13 +160,15 @@ impl CredentialStore for PgStore {
 
     async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
         let started = Instant::now();
-        let done = sqlx::query(
-            "UPDATE api_credential SET active = false, revoked_by = $2 \
-             WHERE api_key = $1 AND active",
-        )
-        .bind(key.as_str())
-        .bind(by.map(ApiKey::as_str))
-        .execute(&self.pool)
+        let done = retrying(|| {
+            sqlx::query(
+                "UPDATE api_credential SET active = false, revoked_by = $2 \
+                 WHERE api_key = $1 AND active",
+            )
+            .bind(key.as_str())
+            .bind(by.map(ApiKey::as_str))
+            .execute(&self.pool)
+        })
         .await?;
         self.metrics.observe_db("revoke", started);
         Ok(Revocation::from_rows(done.rows_affected()))
