@@ -3,8 +3,8 @@
 //! the database; only positive answers are cached, for at most the TTL; a revocation seen
 //! by this instance (its own, or reported by the store's change watcher) drops the entry.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use axum::extract::{Request, State};
@@ -12,9 +12,10 @@ use axum::http::{HeaderMap, HeaderName};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use moka::future::Cache;
+use tokio::sync::broadcast;
 
 use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
-use crate::store::{CredentialStore, InvalidationSink, KeyState, StoreError};
+use crate::store::{AbortOnDrop, Change, CredentialStore, KeyState, StoreError};
 use crate::telemetry::{AuthResult, Metrics};
 
 /// Header carrying the api_key. (A `HeaderName`, not a `&str`: looking it up then needs no
@@ -65,6 +66,8 @@ struct Inner {
     /// what it read before the revocation committed.
     epoch: AtomicU64,
     metrics: Metrics,
+    /// Drains the store's change feed into the cache; stopped with the authenticator.
+    _follower: Option<AbortOnDrop>,
 }
 
 impl Authenticator {
@@ -81,15 +84,19 @@ impl Authenticator {
                 .time_to_live(cache.ttl)
                 .build_with_hasher(foldhash::fast::RandomState::default())
         });
-        Self {
-            inner: Arc::new(Inner {
-                deriver,
-                store,
-                cache,
-                epoch: AtomicU64::new(0),
-                metrics,
-            }),
-        }
+        let changes = store.subscribe();
+        let inner = Arc::new_cyclic(|me: &Weak<Inner>| Inner {
+            deriver,
+            store,
+            cache,
+            epoch: AtomicU64::new(0),
+            metrics,
+            // Outside a runtime (a synchronous benchmark, say) there is no feed to follow.
+            _follower: tokio::runtime::Handle::try_current()
+                .ok()
+                .map(|rt| AbortOnDrop(rt.spawn(follow(me.clone(), changes)))),
+        });
+        Self { inner }
     }
 
     /// Authenticates the pair in `headers`.
@@ -156,10 +163,7 @@ impl Authenticator {
 
     /// Drops `key` from the cache at once (after this instance revoked it).
     pub async fn forget(&self, key: &ApiKey) {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Some(cache) = &self.inner.cache {
-            cache.invalidate(key).await;
-        }
+        self.inner.apply(Change::Key(key.as_str().to_owned())).await;
     }
 
     /// The number of cached credentials (approximate, for metrics).
@@ -173,19 +177,35 @@ impl Authenticator {
     }
 }
 
-#[async_trait::async_trait]
-impl InvalidationSink for Authenticator {
-    async fn invalidate(&self, key: &str) {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        if let (Some(cache), Ok(key)) = (&self.inner.cache, ApiKey::parse(key)) {
-            cache.invalidate(&key).await;
+impl Inner {
+    /// Forgets what `change` names, and makes lookups in flight not cache what they read.
+    async fn apply(&self, change: Change) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        let Some(cache) = &self.cache else { return };
+        match change {
+            Change::Key(key) => {
+                if let Ok(key) = ApiKey::parse(&key) {
+                    cache.invalidate(&key).await;
+                }
+            }
+            Change::All => cache.invalidate_all(),
         }
     }
+}
 
-    async fn invalidate_all(&self) {
-        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Some(cache) = &self.inner.cache {
-            cache.invalidate_all();
+/// Applies the store's change feed to the cache until the feed closes. It holds the
+/// authenticator weakly: the authenticator owns this task, not the other way round.
+async fn follow(inner: Weak<Inner>, mut changes: broadcast::Receiver<Change>) {
+    loop {
+        let change = match changes.recv().await {
+            Ok(change) => change,
+            // Fell behind and changes were dropped: forget everything rather than guess.
+            Err(broadcast::error::RecvError::Lagged(_)) => Change::All,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        // None only while the authenticator is still being built, with an empty cache.
+        if let Some(inner) = inner.upgrade() {
+            inner.apply(change).await;
         }
     }
 }

@@ -4,7 +4,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,13 +12,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::auth::{Authenticator, CacheSettings};
 use crate::config::{self, Config, KeySource};
 use crate::credential::SecretDeriver;
 use crate::http::{self, AppState};
-use crate::store::{self, CredentialStore, DatabaseTarget, InvalidationSink};
+use crate::store::{self, DatabaseTarget};
 use crate::telemetry::Metrics;
 
 /// A built service, bound and ready to run.
@@ -29,17 +27,6 @@ pub struct Application {
     state: AppState,
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
-    /// Background tasks (the change watcher), aborted when the application stops.
-    tasks: Vec<AbortOnDrop>,
-}
-
-/// Aborts a background task when dropped, so none outlives its application.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Application {
@@ -80,7 +67,6 @@ impl Application {
             store: store.clone(),
             metrics,
         };
-        let tasks = vec![spawn_watcher(store, auth)];
         // Logged only now, so a failed start-up prints nothing but its one error line.
         match &source {
             KeySource::DataDir(path, true) => {
@@ -94,7 +80,6 @@ impl Application {
             listener,
             header_read_timeout: config.header_read_timeout,
             shutdown_timeout: config.shutdown_timeout,
-            tasks,
         })
     }
 
@@ -116,7 +101,6 @@ impl Application {
             router,
             header_read_timeout,
             shutdown_timeout,
-            tasks,
             state,
         } = self;
         let mut http = hyper::server::conn::http1::Builder::new();
@@ -157,16 +141,12 @@ impl Application {
         {
             tracing::warn!("in-flight requests did not finish in time; closing them");
         }
-        drop(tasks);
+        // The store's own tasks: the SQLite writer commits what it accepted, then stops.
+        state.store.close().await;
         drop(state);
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-fn spawn_watcher(store: Arc<dyn CredentialStore>, auth: Authenticator) -> AbortOnDrop {
-    let sink: Arc<dyn InvalidationSink> = Arc::new(auth);
-    AbortOnDrop(tokio::spawn(async move { store.watch_changes(sink).await }))
 }
 
 /// Installs the SIGINT and SIGTERM handlers now — before the service announces that it is

@@ -169,13 +169,28 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// Receives cache invalidations from a backend's change watcher.
-#[async_trait]
-pub trait InvalidationSink: Send + Sync + 'static {
-    /// `key` changed (revoked or removed) in the database.
-    async fn invalidate(&self, key: &str);
-    /// Changes may have been missed: forget everything.
-    async fn invalidate_all(&self);
+/// A change that cached authentications must not outlive, published by a backend's change
+/// feed (other instances, direct SQL, this instance's own writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This key changed (revoked or removed) in the database.
+    Key(String),
+    /// Changes may have been missed (the feed was down): forget everything.
+    All,
+}
+
+/// How many changes the feed buffers for a slow subscriber; one that falls further behind
+/// is told to forget everything (`RecvError::Lagged`), so nothing is ever missed silently.
+pub const CHANGE_FEED_CAPACITY: usize = 4096;
+
+/// Aborts a background task when dropped, so none outlives the handle that owns it.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Where credentials live. One implementation per database; all share this contract.
@@ -204,9 +219,14 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// that does not, rather than say it is ready and fail every write.
     async fn check_writable(&self) -> Result<(), StoreError>;
 
-    /// Runs until dropped, telling `sink` about changes made by anyone (other instances,
-    /// direct SQL) so cached authentications do not outlive a revocation.
-    async fn watch_changes(&self, sink: Arc<dyn InvalidationSink>);
+    /// The change feed: every change made by anyone (other instances, direct SQL) that a
+    /// cached authentication must not outlive. The backend runs the feed itself, for as long
+    /// as the store lives.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Change>;
+
+    /// Finishes the writes already accepted and stops the backend's background work; later
+    /// writes fail. Called once when the service stops.
+    async fn close(&self);
 }
 
 /// Which database a URL names.

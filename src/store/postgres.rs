@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use tokio::sync::broadcast;
 
 use super::{
-    CredentialRecord, CredentialStore, InvalidationSink, KeyState, ListQuery, Registration,
-    Revocation, StoreError, StoreSettings,
+    AbortOnDrop, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialStore, KeyState,
+    ListQuery, Registration, Revocation, StoreError, StoreSettings,
 };
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
@@ -31,11 +32,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Credentials in one PostgreSQL database.
 pub struct PgStore {
     pool: PgPool,
-    connect: PgConnectOptions,
     metrics: Metrics,
     /// Whether the LISTEN connection is up; `/ready` fails while it is not, because this
     /// instance would not hear revocations made elsewhere.
     listening: Arc<AtomicBool>,
+    changes: broadcast::Sender<Change>,
+    /// The LISTEN task, stopped with the store.
+    _listener: AbortOnDrop,
 }
 
 fn connect_options(url: &str, settings: &StoreSettings) -> Result<PgConnectOptions, anyhow::Error> {
@@ -77,11 +80,20 @@ impl PgStore {
         let connect = connect_options(url, settings)?;
         let pool = migrated_pool(&connect, settings.max_connections, settings.timeout).await?;
         metrics.set_listener_connected(false);
+        let listening = Arc::new(AtomicBool::new(false));
+        let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        let listener = Listener {
+            connect,
+            metrics: metrics.clone(),
+            listening: listening.clone(),
+            feed: changes.clone(),
+        };
         Ok(Self {
             pool,
-            connect,
             metrics,
-            listening: Arc::new(AtomicBool::new(false)),
+            listening,
+            changes,
+            _listener: AbortOnDrop(tokio::spawn(listener.run())),
         })
     }
 
@@ -94,22 +106,6 @@ impl PgStore {
             .close()
             .await;
         Ok(())
-    }
-
-    fn set_listening(&self, up: bool) {
-        self.listening.store(up, Ordering::Release);
-        self.metrics.set_listener_connected(up);
-    }
-
-    /// Connects a listener on its own one-connection pool, so it never takes a query slot.
-    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(self.connect.clone());
-        let mut listener = PgListener::connect_with(&pool).await?;
-        listener.listen(CHANNEL).await?;
-        Ok(listener)
     }
 }
 
@@ -239,24 +235,64 @@ impl CredentialStore for PgStore {
         Ok(())
     }
 
-    async fn watch_changes(&self, sink: Arc<dyn InvalidationSink>) {
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The LISTEN side of the change feed: one connection of its own, reconnected with backoff;
+/// runs until its task is aborted (with the store).
+struct Listener {
+    connect: PgConnectOptions,
+    metrics: Metrics,
+    listening: Arc<AtomicBool>,
+    feed: broadcast::Sender<Change>,
+}
+
+impl Listener {
+    fn set_listening(&self, up: bool) {
+        self.listening.store(up, Ordering::Release);
+        self.metrics.set_listener_connected(up);
+    }
+
+    fn publish(&self, change: Change) {
+        // No subscriber yet (start-up) means no cache to keep honest.
+        let _ = self.feed.send(change);
+    }
+
+    /// Connects a listener on its own one-connection pool, so it never takes a query slot.
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(self.connect.clone());
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(CHANNEL).await?;
+        Ok(listener)
+    }
+
+    async fn run(self) {
         let mut backoff = BACKOFF_FIRST;
         loop {
             match self.listen().await {
                 Ok(mut listener) => {
                     // Whatever changed while we were not listening is unknown: forget it all.
-                    sink.invalidate_all().await;
+                    self.publish(Change::All);
                     self.set_listening(true);
                     backoff = BACKOFF_FIRST;
                     tracing::info!("listening for credential changes");
                     loop {
                         match listener.try_recv().await {
-                            Ok(Some(note)) => sink.invalidate(note.payload()).await,
+                            Ok(Some(note)) => self.publish(Change::Key(note.payload().to_owned())),
                             Ok(None) => {
                                 // Lost and already re-established (eager reconnect): anything
                                 // sent in between is gone.
                                 self.metrics.listener_reconnected();
-                                sink.invalidate_all().await;
+                                self.publish(Change::All);
                                 tracing::warn!(
                                     "listener connection was lost and re-established; cache cleared"
                                 );

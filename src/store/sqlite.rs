@@ -16,11 +16,12 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{ConnectOptions, Connection, Row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use super::{
-    CredentialRecord, CredentialStore, InvalidationSink, KeyState, ListQuery, Registration,
-    Revocation, StoreError,
+    AbortOnDrop, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialStore, KeyState,
+    ListQuery, Registration, Revocation, StoreError,
 };
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
@@ -78,9 +79,6 @@ enum Outcome {
 
 /// Credentials in one SQLite file.
 pub struct SqliteStore {
-    /// The change log's last entry when the store opened: the watcher reports everything
-    /// after it, so no change between opening and the watcher's first poll is missed.
-    opened_at_seq: i64,
     reads: SqlitePool,
     writes: mpsc::Sender<WriteOp>,
     /// Whether the last write committed; shared with the writer task so `/ready` tells the
@@ -88,9 +86,15 @@ pub struct SqliteStore {
     health: Arc<WriteHealth>,
     /// The file opened at start: a file deleted or replaced under us is noticed.
     file: Arc<FileIdentity>,
+    /// The writer task: `close` waits for it to commit what it accepted.
+    writer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Tells the writer to finish.
+    closing: Arc<Notify>,
+    changes: broadcast::Sender<Change>,
+    /// The change watcher, stopped with the store.
+    _watcher: AbortOnDrop,
     /// For connections made after opening: never creates the file.
     connect: SqliteConnectOptions,
-    options: SqliteOptions,
     metrics: Metrics,
 }
 
@@ -151,15 +155,27 @@ impl SqliteStore {
             health: health.clone(),
             metrics: metrics.clone(),
         };
-        tokio::spawn(writer.run(rx, options.max_batch));
-        Ok(Self {
+        let closing = Arc::new(Notify::new());
+        let writer = tokio::spawn(writer.run(rx, options.max_batch, closing.clone()));
+        let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
+        // The watcher reports everything after the change log's last entry at open, so no
+        // change between opening and its first poll is missed.
+        let watcher = AbortOnDrop(tokio::spawn(watch_changes(
+            reopen.clone(),
             opened_at_seq,
+            options.change_poll_interval,
+            changes.clone(),
+        )));
+        Ok(Self {
             reads,
             writes: tx,
             health,
             file,
+            writer: std::sync::Mutex::new(Some(writer)),
+            closing,
+            changes,
+            _watcher: watcher,
             connect: reopen,
-            options,
             metrics,
         })
     }
@@ -312,7 +328,12 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<WriteOp>, max_batch: usize) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<WriteOp>,
+        max_batch: usize,
+        closing: Arc<Notify>,
+    ) {
         let mut batch = Vec::with_capacity(max_batch);
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -325,6 +346,14 @@ impl Writer {
                     self.commit(&mut batch).await;
                 }
                 _ = tick.tick() => self.watch().await,
+                () = closing.notified() => {
+                    // Refuse new writes, then commit (and answer) every one already queued.
+                    rx.close();
+                    while rx.recv_many(&mut batch, max_batch).await > 0 {
+                        self.commit(&mut batch).await;
+                    }
+                    break;
+                }
             }
         }
         if let Some(conn) = self.conn.take()
@@ -563,36 +592,58 @@ impl CredentialStore for SqliteStore {
             .map_err(|e| StoreError::new(format!("{}: {}", self.file.path.display(), e.message())))
     }
 
-    async fn watch_changes(&self, sink: Arc<dyn InvalidationSink>) {
-        let mut watcher = ChangeWatcher {
-            conn: None,
-            data_version: 0,
-            seq: self.opened_at_seq,
-            pruned: None,
-        };
-        // Polled ten times a second: its statements would drown the debug log.
-        let connect = self.connect.clone().disable_statement_logging();
-        let mut failing = false;
-        let mut tick = tokio::time::interval(self.options.change_poll_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match watcher.poll(&connect, sink.as_ref()).await {
-                Err(e) => {
-                    // Entries still expire with the TTL; the log keeps what we missed for
-                    // later. Logged once per outage, not ten times a second.
-                    if !failing {
-                        tracing::warn!(error = %e, "SQLite change watcher cannot read the change log");
-                        failing = true;
-                    }
-                    watcher.conn = None;
+    fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    async fn close(&self) {
+        self.closing.notify_one();
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = writer
+            && let Err(e) = writer.await
+        {
+            tracing::error!(error = %e, "the SQLite writer task failed");
+        }
+        self.reads.close().await;
+    }
+}
+
+/// Polls for changes committed by other connections and publishes them on the feed, until
+/// its task is aborted (with the store).
+async fn watch_changes(
+    connect: SqliteConnectOptions,
+    from_seq: i64,
+    every: Duration,
+    feed: broadcast::Sender<Change>,
+) {
+    let mut watcher = ChangeWatcher {
+        conn: None,
+        data_version: 0,
+        seq: from_seq,
+        pruned: None,
+    };
+    // Polled ten times a second: its statements would drown the debug log.
+    let connect = connect.disable_statement_logging();
+    let mut failing = false;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match watcher.poll(&connect, &feed).await {
+            Err(e) => {
+                // Entries still expire with the TTL; the log keeps what we missed for
+                // later. Logged once per outage, not ten times a second.
+                if !failing {
+                    tracing::warn!(error = %e, "SQLite change watcher cannot read the change log");
+                    failing = true;
                 }
-                Ok(()) if failing => {
-                    tracing::info!("SQLite change watcher reads the change log again");
-                    failing = false;
-                }
-                Ok(()) => {}
+                watcher.conn = None;
             }
+            Ok(()) if failing => {
+                tracing::info!("SQLite change watcher reads the change log again");
+                failing = false;
+            }
+            Ok(()) => {}
         }
     }
 }
@@ -614,7 +665,7 @@ impl ChangeWatcher {
     async fn poll(
         &mut self,
         connect: &SqliteConnectOptions,
-        sink: &dyn InvalidationSink,
+        feed: &broadcast::Sender<Change>,
     ) -> Result<(), StoreError> {
         // A new connection has its own data_version numbering: always read the log once.
         let fresh = self.conn.is_none();
@@ -650,7 +701,8 @@ impl ChangeWatcher {
         .await?;
         for row in &rows {
             let key: String = row.try_get("api_key")?;
-            sink.invalidate(&key).await;
+            // No subscriber yet (start-up) means no cache to keep honest.
+            let _ = feed.send(Change::Key(key));
             self.seq = row.try_get("seq")?;
         }
         self.data_version = version;
