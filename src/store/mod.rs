@@ -16,6 +16,30 @@ use crate::telemetry::Metrics;
 pub mod postgres;
 pub mod sqlite;
 
+/// `SELECT` of the columns of a [`CredentialRecord`] followed by the rest of a query: one
+/// column list for every backend's reads.
+macro_rules! select_credential {
+    ($($rest:literal),*) => {
+        concat!(
+            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential ",
+            $($rest),*
+        )
+    };
+}
+pub(crate) use select_credential;
+
+/// Runs one database operation and records its latency under `op`, failed ones included.
+pub(crate) async fn timed<T>(
+    metrics: &Metrics,
+    op: &'static str,
+    operation: impl std::future::Future<Output = T>,
+) -> T {
+    let started = std::time::Instant::now();
+    let out = operation.await;
+    metrics.observe_db(op, started);
+    out
+}
+
 /// A credential as stored: never a secret, never a hash of one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct CredentialRecord {

@@ -8,7 +8,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
@@ -16,7 +16,7 @@ use tokio::sync::broadcast;
 
 use super::{
     AbortOnDrop, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialStore, KeyState,
-    ListQuery, Registration, Revocation, StoreError, StoreSettings,
+    ListQuery, Registration, Revocation, StoreError, StoreSettings, select_credential, timed,
 };
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
@@ -141,72 +141,77 @@ where
 #[async_trait]
 impl CredentialStore for PgStore {
     async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError> {
-        let started = Instant::now();
-        let done = retrying(|| {
-            sqlx::query(
+        let done = timed(
+            &self.metrics,
+            "register",
+            retrying(|| {
+                sqlx::query(
                 "INSERT INTO api_credential (api_key) VALUES ($1) ON CONFLICT (api_key) DO NOTHING",
             )
             .bind(key.as_str())
             .execute(&self.pool)
-        })
+            }),
+        )
         .await?;
-        self.metrics.observe_db("register", started);
         Ok(Registration::from_rows(done.rows_affected()))
     }
 
     async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
-        let started = Instant::now();
-        let done = retrying(|| {
-            sqlx::query(
-                "UPDATE api_credential SET active = false, revoked_by = $2 \
+        let done = timed(
+            &self.metrics,
+            "revoke",
+            retrying(|| {
+                sqlx::query(
+                    "UPDATE api_credential SET active = false, revoked_by = $2 \
                  WHERE api_key = $1 AND active",
-            )
-            .bind(key.as_str())
-            .bind(by.map(ApiKey::as_str))
-            .execute(&self.pool)
-        })
+                )
+                .bind(key.as_str())
+                .bind(by.map(ApiKey::as_str))
+                .execute(&self.pool)
+            }),
+        )
         .await?;
-        self.metrics.observe_db("revoke", started);
         Ok(Revocation::from_rows(done.rows_affected()))
     }
 
     async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError> {
-        let started = Instant::now();
-        let active: Option<bool> =
+        let active: Option<bool> = timed(
+            &self.metrics,
+            "state",
             sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = $1")
                 .bind(key.as_str())
-                .fetch_optional(&self.pool)
-                .await?;
-        self.metrics.observe_db("state", started);
+                .fetch_optional(&self.pool),
+        )
+        .await?;
         Ok(KeyState::from_active(active))
     }
 
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
-        let started = Instant::now();
-        let row = sqlx::query_as::<_, CredentialRecord>(
-            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
-             WHERE api_key = $1",
+        let row = timed(
+            &self.metrics,
+            "get",
+            sqlx::query_as::<_, CredentialRecord>(select_credential!("WHERE api_key = $1"))
+                .bind(key.as_str())
+                .fetch_optional(&self.pool),
         )
-        .bind(key.as_str())
-        .fetch_optional(&self.pool)
         .await?;
-        self.metrics.observe_db("get", started);
         Ok(row)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
-        let started = Instant::now();
-        let rows = sqlx::query_as::<_, CredentialRecord>(
-            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
-             WHERE ($1::text IS NULL OR api_key > $1) AND ($2::boolean IS NULL OR active = $2) \
-             ORDER BY api_key LIMIT $3",
+        let rows = timed(
+            &self.metrics,
+            "list",
+            sqlx::query_as::<_, CredentialRecord>(select_credential!(
+                "WHERE ($1::text IS NULL OR api_key > $1) AND ($2::boolean IS NULL OR active = $2) \
+             ORDER BY api_key LIMIT $3"
+            ))
+            .bind(query.after.as_ref().map(ApiKey::as_str))
+            .bind(query.active)
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.pool),
         )
-        .bind(query.after.as_ref().map(ApiKey::as_str))
-        .bind(query.active)
-        .bind(i64::from(query.limit))
-        .fetch_all(&self.pool)
         .await?;
-        self.metrics.observe_db("list", started);
         Ok(rows)
     }
 

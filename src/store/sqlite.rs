@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::{
     AbortOnDrop, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialStore, KeyState,
-    ListQuery, Registration, Revocation, StoreError,
+    ListQuery, Registration, Revocation, StoreError, select_credential, timed,
 };
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
@@ -398,6 +398,7 @@ impl Writer {
             Ok(conn) => apply(conn, batch).await,
             Err(e) => Err(e),
         };
+        // Not `timed`: the connection borrows `self` mutably.
         self.metrics.observe_db("write_batch", started);
         let result = result.and_then(|outcomes| {
             // Committed into a file nobody will open again: not durable, not acknowledged.
@@ -529,42 +530,31 @@ impl CredentialStore for SqliteStore {
     }
 
     async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError> {
-        let started = Instant::now();
-        let active: Option<bool> =
+        let active: Option<bool> = timed(
+            &self.metrics,
+            "state",
             sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = ?")
                 .bind(key.as_str())
-                .fetch_optional(&self.reads)
-                .await?;
-        self.metrics.observe_db("state", started);
+                .fetch_optional(&self.reads),
+        )
+        .await?;
         Ok(KeyState::from_active(active))
     }
 
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
-        let started = Instant::now();
-        let row = sqlx::query_as::<_, CredentialRecord>(
-            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential WHERE api_key = ?",
-        )
-        .bind(key.as_str())
-        .fetch_optional(&self.reads)
-        .await?;
-        self.metrics.observe_db("get", started);
-        Ok(row)
+        let query = sqlx::query_as(select_credential!("WHERE api_key = ?")).bind(key.as_str());
+        Ok(timed(&self.metrics, "get", query.fetch_optional(&self.reads)).await?)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
-        let started = Instant::now();
-        let rows = sqlx::query_as::<_, CredentialRecord>(
-            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential \
-             WHERE (?1 IS NULL OR api_key > ?1) AND (?2 IS NULL OR active = ?2) \
-             ORDER BY api_key LIMIT ?3",
-        )
+        let rows = sqlx::query_as(select_credential!(
+            "WHERE (?1 IS NULL OR api_key > ?1) AND (?2 IS NULL OR active = ?2) ",
+            "ORDER BY api_key LIMIT ?3"
+        ))
         .bind(query.after.as_ref().map(ApiKey::as_str))
         .bind(query.active)
-        .bind(i64::from(query.limit))
-        .fetch_all(&self.reads)
-        .await?;
-        self.metrics.observe_db("list", started);
-        Ok(rows)
+        .bind(i64::from(query.limit));
+        Ok(timed(&self.metrics, "list", rows.fetch_all(&self.reads)).await?)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
