@@ -440,6 +440,74 @@ async fn unknown_routes_and_wrong_methods_need_credentials_first(backend: Backen
     }
 }
 
+/// The headers of a response minus `date`, which differs between any two responses.
+fn headers_but_date(resp: &reqwest::Response) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = resp
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name != "date")
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+        .collect();
+    headers.sort();
+    headers
+}
+
+async fn anonymous_wrong_method_is_indistinguishable_from_any_401(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let pair = app.registered().await;
+    let own = format!("/credentials/{}", pair.key);
+    // The reference: an anonymous request to a route that does not exist.
+    let reference = app.send(Method::GET, "/nope", None).await;
+    let reference_headers = headers_but_date(&reference);
+    assert_eq!(reference.status(), StatusCode::UNAUTHORIZED);
+    let reference_body = reference.bytes().await.unwrap();
+    let anonymous = [
+        None,
+        Some(forged()),
+        Some(Pair {
+            key: pair.key.clone(),
+            secret: "sk_bad".into(),
+        }),
+    ];
+    for (method, path) in [
+        (Method::PUT, "/credentials"),
+        (Method::DELETE, "/credentials"),
+        (Method::POST, "/auth/verify"),
+        (Method::DELETE, "/auth/verify"),
+        (Method::PATCH, own.as_str()),
+        (Method::POST, own.as_str()),
+        (Method::PUT, "/credentials/ak_x"),
+    ] {
+        for auth in &anonymous {
+            let resp = app.send(method.clone(), path, auth.as_ref()).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert!(
+                resp.headers().get("allow").is_none(),
+                "{method} {path}: a 401 carries Allow: {:?}",
+                resp.headers().get("allow")
+            );
+            assert_eq!(
+                headers_but_date(&resp),
+                reference_headers,
+                "{method} {path}"
+            );
+            assert_eq!(
+                resp.bytes().await.unwrap(),
+                reference_body,
+                "{method} {path}"
+            );
+        }
+        // With valid credentials the route is revealed: 405.
+        let resp = app.send(method.clone(), path, Some(&pair)).await;
+        assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
+    }
+    // Public routes answer 405 to anyone.
+    for (method, path) in [(Method::POST, "/health"), (Method::DELETE, "/ready")] {
+        let resp = app.send(method, path, None).await;
+        assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
+    }
+}
+
 // ---- Operational and extended routes -----------------------------------------------------
 
 async fn health_ready_and_metrics_are_public(backend: Backend) {
@@ -626,6 +694,7 @@ contract_tests!(
     every_authentication_failure_is_the_same_401,
     auth_verify_returns_204_with_the_key_header,
     unknown_routes_and_wrong_methods_need_credentials_first,
+    anonymous_wrong_method_is_indistinguishable_from_any_401,
     health_ready_and_metrics_are_public,
     get_one_credential_active_revoked_or_unknown,
     list_pages_with_a_cursor_and_filters,
