@@ -398,6 +398,64 @@ async fn every_authentication_failure_is_the_same_401(backend: Backend) {
     }
 }
 
+async fn repeated_credential_headers_are_the_same_401(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let good = app.registered().await;
+    let other = app.registered().await;
+    let reference = app.send(Method::GET, "/auth/verify", None).await;
+    let reference = assert_error(reference, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+    let series = "credgate_auth_results_total{result=\"rejected_form\"}";
+    let before = app.metric(series).await;
+    let get = || app.request(Method::GET, "/auth/verify", None);
+    // reqwest appends: each `.header` call sends one more header line.
+    let requests = vec![
+        // Identical copies.
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Secret", &good.secret),
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Secret", &good.secret)
+            .header("X-Api-Secret", &good.secret),
+        // Two valid credentials: a proxy reading the last copy would act as `other`.
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Key", &other.key)
+            .header("X-Api-Secret", &good.secret)
+            .header("X-Api-Secret", &other.secret),
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("x-api-key", &other.key)
+            .header("X-Api-Secret", &good.secret),
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Secret", &good.secret)
+            .header("X-Api-Secret", ""),
+    ];
+    let n = requests.len() as f64;
+    for req in requests {
+        let resp = req.send().await.unwrap();
+        let body = assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+        assert_eq!(body, reference);
+    }
+    assert_eq!(app.metric(series).await - before, n);
+    // A protected route other than /auth/verify refuses them too.
+    let resp = app
+        .request(
+            Method::GET,
+            &format!("/credentials/{}", good.key),
+            Some(&good),
+        )
+        .header("X-Api-Key", &good.key)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+    // Sent once each, the same pair still works.
+    assert_eq!(app.verify(&good).await, StatusCode::NO_CONTENT);
+}
+
 async fn auth_verify_returns_204_with_the_key_header(backend: Backend) {
     let app = spawn_app(backend).await;
     let pair = app.registered().await;
@@ -692,6 +750,7 @@ contract_tests!(
     a_credential_may_revoke_itself,
     concurrent_revocations_of_one_key_succeed_exactly_once,
     every_authentication_failure_is_the_same_401,
+    repeated_credential_headers_are_the_same_401,
     auth_verify_returns_204_with_the_key_header,
     unknown_routes_and_wrong_methods_need_credentials_first,
     anonymous_wrong_method_is_indistinguishable_from_any_401,
