@@ -76,6 +76,57 @@ async fn register_rejects_malformed_bodies_and_fields_with_400(backend: Backend)
     assert_eq!(app.verify(&good).await, StatusCode::UNAUTHORIZED);
 }
 
+async fn register_refuses_duplicate_json_fields_with_400_naming_them(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let good = mint();
+    let other = mint();
+    let (k, s) = (json!(good.key), json!(good.secret));
+    let (k2, s2) = (json!(other.key), json!(other.secret));
+    // (body, the field the message must name)
+    let cases = [
+        (
+            format!(r#"{{"api_key":{k},"api_key":{k2},"api_secret":{s}}}"#),
+            "api_key",
+        ),
+        // Identical copies too: which one a reader keeps must never matter.
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s},"api_key":{k}}}"#),
+            "api_key",
+        ),
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s2},"api_secret":{s}}}"#),
+            "api_secret",
+        ),
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s},"note":1,"note":1}}"#),
+            "note",
+        ),
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s},"x":{{"y":1,"y":2}}}}"#),
+            "x.y",
+        ),
+    ];
+    for (body, field) in cases {
+        let resp = app
+            .client
+            .post(app.url("/credentials"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let err = assert_error(resp, StatusCode::BAD_REQUEST, "INVALID_FIELD").await;
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{field} ")),
+            "{body}: message {message:?} does not name {field}"
+        );
+    }
+    // None of them registered either key.
+    assert_eq!(app.verify(&good).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.register(&good).await.status(), StatusCode::CREATED);
+}
+
 async fn non_canonical_secret_is_never_registered_or_authenticated(backend: Backend) {
     let app = spawn_app(backend).await;
     // The vector's secret ends in 'o' (low bits 00); 'p' decodes to the same bytes leniently.
@@ -738,6 +789,7 @@ contract_tests!(
     register_returns_201_with_the_key_only,
     register_accepts_the_spec_test_vectors,
     register_rejects_malformed_bodies_and_fields_with_400,
+    register_refuses_duplicate_json_fields_with_400_naming_them,
     non_canonical_secret_is_never_registered_or_authenticated,
     register_forged_pair_is_403_whether_or_not_the_key_exists,
     register_duplicate_is_409_active_or_revoked,
