@@ -810,3 +810,174 @@ contract_tests!(
     get_one_credential_active_revoked_or_unknown,
     list_pages_with_a_cursor_and_filters,
 );
+
+// ---- Properties over HTTP: few cases, the parsers themselves are covered in unit tests ----
+
+mod properties {
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+
+    use credgate::credential::{ApiKey, ApiSecret, MasterKey, SecretDeriver};
+    use proptest::prelude::*;
+    use reqwest::StatusCode;
+    use serde_json::{Value, json};
+
+    use super::common::{Backend, Pair, deriver, spawn_app};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A register body's top-level entries: the pair (its secret derived, forged, one
+    /// character off or arbitrary), perhaps a repeated field and an extra one, in any order.
+    fn register_entries() -> impl Strategy<Value = Vec<(String, Value)>> {
+        let key = prop_oneof![3 => "ak_[A-Za-z0-9]{32}", 1 => "(ak_)?[A-Za-z0-9_+=-]{10,70}"];
+        (
+            key,
+            0..4u8,
+            "[A-Za-z0-9_-]",
+            prop::option::of((any::<bool>(), any::<bool>())),
+            prop::option::of(("[a-z_]{1,10}", any::<i32>())),
+        )
+            .prop_flat_map(|(key, kind, last, repeat, extra)| {
+                let derive = |d: &SecretDeriver| {
+                    ApiKey::parse(&key)
+                        .map(|k| d.secret_for(&k).expose())
+                        .unwrap_or_else(|_| format!("sk_{}", "A".repeat(43)))
+                };
+                let derived = derive(&deriver());
+                let secret = match kind {
+                    0 => derived.clone(),
+                    1 => derive(&SecretDeriver::new(&MasterKey::from_bytes([42; 32]))),
+                    2 => format!("{}{last}", &derived[..derived.len() - 1]),
+                    _ => format!("sk_{last}"),
+                };
+                let mut entries = vec![
+                    ("api_key".to_owned(), json!(key)),
+                    ("api_secret".to_owned(), json!(secret)),
+                ];
+                if let Some((which, same)) = repeat {
+                    let (name, value) = entries[usize::from(which)].clone();
+                    // The other copy: the same, or another key, or the secret that would
+                    // make the pair valid.
+                    let other = if which { derived } else { format!("{key}0") };
+                    entries.push((name, if same { value } else { json!(other) }));
+                }
+                if let Some((name, n)) = extra {
+                    entries.push((name, json!(n)));
+                }
+                Just(entries).prop_shuffle()
+            })
+    }
+
+    /// The status SPEC §2 gives a register body, by the crate's own (unit-tested) parsers.
+    fn register_status(entries: &[(String, Value)], registered: &HashSet<String>) -> StatusCode {
+        let names: HashSet<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+        let field = |name: &str| {
+            entries
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.as_str())
+                .unwrap_or_default()
+        };
+        match (
+            names.len() == entries.len(),
+            ApiKey::parse(field("api_key")),
+            ApiSecret::parse(field("api_secret")),
+        ) {
+            (true, Ok(key), Ok(secret)) if deriver().verify(&key, &secret) => {
+                if registered.contains(key.as_str()) {
+                    StatusCode::CONFLICT
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+            (true, Ok(_), Ok(_)) => StatusCode::FORBIDDEN,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    #[test]
+    fn register_answers_exactly_as_the_spec_says() {
+        let rt = runtime();
+        let app = rt.block_on(spawn_app(Backend::Sqlite));
+        // Shrinking replays inputs: a key registered once is a 409 afterwards.
+        let registered = RefCell::new(HashSet::new());
+        proptest!(ProptestConfig::with_cases(48), |(entries in register_entries())| {
+            let body = format!(
+                "{{{}}}",
+                entries
+                    .iter()
+                    .map(|(n, v)| format!("{}:{v}", json!(n)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let want = register_status(&entries, &registered.borrow());
+            let got = rt.block_on(async {
+                app.client
+                    .post(app.url("/credentials"))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            });
+            if got == StatusCode::CREATED {
+                let key = entries.iter().find(|(n, _)| n == "api_key").unwrap();
+                registered.borrow_mut().insert(key.1.as_str().unwrap().to_owned());
+            }
+            prop_assert_eq!(got, want, "{}", body);
+        });
+    }
+
+    #[test]
+    fn only_one_copy_of_each_header_of_a_registered_pair_authenticates() {
+        let rt = runtime();
+        let app = rt.block_on(spawn_app(Backend::Sqlite));
+        let pairs: Vec<Pair> =
+            rt.block_on(async { vec![app.registered().await, app.registered().await] });
+        let reference = rt.block_on(async {
+            app.send(reqwest::Method::GET, "/auth/verify", None)
+                .await
+                .bytes()
+                .await
+                .unwrap()
+        });
+        // Indexes 0 and 1 pick a registered pair's part; anything else, printable noise.
+        let part = || prop_oneof![(0..2usize).prop_map(Ok), "[!-~]{0,50}".prop_map(Err)];
+        proptest!(ProptestConfig::with_cases(48), |(
+            keys in prop::collection::vec(part(), 0..3),
+            secrets in prop::collection::vec(part(), 0..3),
+        )| {
+            let value = |p: &Result<usize, String>, secret: bool| match p {
+                Ok(i) if secret => pairs[*i].secret.clone(),
+                Ok(i) => pairs[*i].key.clone(),
+                Err(noise) => noise.clone(),
+            };
+            let mut req = app.client.get(app.url("/auth/verify"));
+            for k in &keys {
+                req = req.header("X-Api-Key", value(k, false));
+            }
+            for s in &secrets {
+                req = req.header("X-Api-Secret", value(s, true));
+            }
+            let want = match (keys.as_slice(), secrets.as_slice()) {
+                ([Ok(k)], [Ok(s)]) if k == s => StatusCode::NO_CONTENT,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            let (status, body) = rt.block_on(async {
+                let resp = req.send().await.unwrap();
+                (resp.status(), resp.bytes().await.unwrap())
+            });
+            prop_assert_eq!(status, want, "keys {:?} secrets {:?}", keys, secrets);
+            if status == StatusCode::UNAUTHORIZED {
+                prop_assert_eq!(&body, &reference);
+            }
+        });
+    }
+}
