@@ -2,6 +2,7 @@
 //! form → derivation (CPU only) → cache → database. A forged pair never reaches the cache or
 //! the database; only positive answers are cached, for at most the TTL; a revocation seen
 //! by this instance (its own, or reported by the store's change watcher) drops the entry.
+//! Each of the two headers must be sent exactly once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -117,10 +118,10 @@ impl Authenticator {
     }
 
     async fn check(&self, headers: &HeaderMap) -> Result<ApiKey, Failure> {
-        let key = header(headers, &KEY_HEADER)
+        let key = single_header(headers, &KEY_HEADER)
             .and_then(|v| ApiKey::parse(v).ok())
             .ok_or(Failure::Form)?;
-        let secret = header(headers, &SECRET_HEADER)
+        let secret = single_header(headers, &SECRET_HEADER)
             .and_then(|v| ApiSecret::parse(v).ok())
             .ok_or(Failure::Form)?;
         if !self.inner.deriver.verify(&key, &secret) {
@@ -219,8 +220,16 @@ enum Failure {
     Store(StoreError),
 }
 
-fn header<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    headers.get(name).and_then(|v| v.to_str().ok())
+/// The value of a header sent exactly once. A repeated header is refused even when its copies
+/// agree: proxies differ on which copy they read, and one that reads the last would act for
+/// another key than the one authenticated here.
+fn single_header<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
+    let mut values = headers.get_all(name).iter();
+    let value = values.next()?;
+    if values.next().is_some() {
+        return None;
+    }
+    value.to_str().ok()
 }
 
 /// Middleware that admits only authenticated requests and puts the [`Caller`] into request
@@ -237,5 +246,30 @@ pub async fn require_credential(
             next.run(req).await
         }
         Err(e) => crate::http::ApiError::from(e).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn a_header_counts_only_when_sent_exactly_once() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(single_header(&headers, &KEY_HEADER), None);
+        headers.append(&KEY_HEADER, HeaderValue::from_static("ak_a"));
+        assert_eq!(single_header(&headers, &KEY_HEADER), Some("ak_a"));
+        headers.append(&KEY_HEADER, HeaderValue::from_static("ak_a"));
+        assert_eq!(single_header(&headers, &KEY_HEADER), None);
+        let mut headers = HeaderMap::new();
+        headers.append(&SECRET_HEADER, HeaderValue::from_static("sk_a"));
+        headers.append(&SECRET_HEADER, HeaderValue::from_static(""));
+        assert_eq!(single_header(&headers, &SECRET_HEADER), None);
+        assert_eq!(single_header(&headers, &KEY_HEADER), None);
+        // Not visible ASCII: refused, never lossily converted.
+        let mut headers = HeaderMap::new();
+        headers.append(&KEY_HEADER, HeaderValue::from_bytes(b"ak_\xff").unwrap());
+        assert_eq!(single_header(&headers, &KEY_HEADER), None);
     }
 }

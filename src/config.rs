@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::credential::MasterKey;
+use crate::credential::{MasterKey, MasterKeyFormatError};
 use crate::store::{DatabaseTarget, StoreSettings};
 
 /// A master key embedded at build time (`CREDGATE_EMBEDDED_MASTER_KEY`, checked by build.rs).
@@ -141,9 +141,12 @@ fn resolve_master_key(
 }
 
 fn read_key_file(path: &Path) -> anyhow::Result<MasterKey> {
-    let text = fs::read_to_string(path)
+    let bytes = fs::read(path)
         .with_context(|| format!("cannot read master key file {}", path.display()))?;
-    let key = MasterKey::from_hex(&text)
+    // Text that is not UTF-8 was read fine: it is a malformed key, not an unreadable file.
+    let key = std::str::from_utf8(&bytes)
+        .map_err(|_| MasterKeyFormatError)
+        .and_then(MasterKey::from_hex)
         .with_context(|| format!("malformed master key file {}", path.display()))?;
     if let Ok(meta) = fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
@@ -265,5 +268,47 @@ mod tests {
         let err = resolve_master_key(None, None, dir.path(), WhenMissing::Fail).unwrap_err();
         assert!(format!("{err:#}").contains("no master key"));
         assert!(!dir.path().join(MASTER_KEY_FILE_NAME).exists());
+    }
+
+    // ---- Properties ----------------------------------------------------------------------
+
+    use crate::credential::testing::{MASTER_KEY_FORM, master_key_like};
+    use proptest::prelude::*;
+
+    proptest! {
+        // Each case writes a file: fewer cases than for the pure parsers.
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_key_file_is_accepted_exactly_when_the_spec_says(contents in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..80),
+            master_key_like().prop_map(String::into_bytes),
+            // A valid key with one byte that is not UTF-8.
+            (master_key_like(), 0..64usize, 0x80..=0xffu8).prop_map(|(text, at, byte)| {
+                let mut bytes = text.into_bytes();
+                if let Some(b) = bytes.get_mut(at) {
+                    *b = byte;
+                }
+                bytes
+            }),
+        ]) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("key");
+            fs::write(&path, &contents).unwrap();
+            let valid = std::str::from_utf8(&contents).is_ok_and(|t| MASTER_KEY_FORM.is_match(t));
+            match read_key_file(&path) {
+                Ok(key) => {
+                    prop_assert!(valid, "accepted {contents:?}");
+                    let text = std::str::from_utf8(&contents).unwrap();
+                    prop_assert_eq!(Ok(key), MasterKey::from_hex(text));
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {contents:?}: {e:#}");
+                    // Readable but wrong is malformed, never "cannot read".
+                    let message = format!("{e:#}");
+                    prop_assert!(message.starts_with("malformed master key file"), "{message}");
+                }
+            }
+        }
     }
 }

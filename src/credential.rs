@@ -395,4 +395,205 @@ mod tests {
         assert!(MasterKey::from_hex(&hex_text.replace('0', "g")).is_err());
         assert!(MasterKey::from_hex("").is_err());
     }
+
+    // ---- Properties ----------------------------------------------------------------------
+
+    use proptest::prelude::*;
+    use testing::{CANONICAL_SECRET, KEY_FORM, MASTER_KEY_FORM, any_text, key_like, secret_like};
+
+    /// The first rule of SPEC §1 a presented key breaks, as [`FormatError`] reports it.
+    fn key_error(raw: &str) -> FormatError {
+        match raw.strip_prefix(KEY_PREFIX) {
+            _ if raw.is_empty() => FormatError::Empty,
+            None => FormatError::Prefix(KEY_PREFIX),
+            Some(body) if !(16..=64).contains(&body.len()) => FormatError::Length("16 to 64"),
+            Some(_) => FormatError::Alphabet("the characters A-Z, a-z and 0-9"),
+        }
+    }
+
+    /// The first rule a presented secret breaks, or `None` for a canonical one.
+    fn secret_error(raw: &str) -> Option<FormatError> {
+        let b64 = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        match raw.strip_prefix(SECRET_PREFIX) {
+            _ if raw.is_empty() => Some(FormatError::Empty),
+            None => Some(FormatError::Prefix(SECRET_PREFIX)),
+            Some(body) if body.len() != 43 => Some(FormatError::Length("43")),
+            Some(body) if !body.bytes().all(b64) => {
+                Some(FormatError::Alphabet("base64url characters"))
+            }
+            Some(_) if !CANONICAL_SECRET.is_match(raw) => Some(FormatError::NotCanonical),
+            Some(_) => None,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn a_key_is_accepted_exactly_when_the_spec_says(raw in prop_oneof![any_text(), key_like()]) {
+            match ApiKey::parse(&raw) {
+                Ok(key) => {
+                    prop_assert!(KEY_FORM.is_match(&raw), "accepted {raw:?}");
+                    prop_assert_eq!(key.as_str(), raw.as_str());
+                }
+                Err(e) => {
+                    prop_assert!(!KEY_FORM.is_match(&raw), "refused {raw:?}: {e}");
+                    prop_assert_eq!(e, key_error(&raw));
+                }
+            }
+        }
+
+        #[test]
+        fn a_secret_is_accepted_exactly_when_canonical(raw in prop_oneof![any_text(), secret_like()]) {
+            match ApiSecret::parse(&raw) {
+                Ok(secret) => {
+                    prop_assert!(CANONICAL_SECRET.is_match(&raw), "accepted {raw:?}");
+                    // The only string that parses to these bytes is the one presented.
+                    prop_assert_eq!(secret.expose(), raw);
+                }
+                Err(e) => {
+                    prop_assert!(!CANONICAL_SECRET.is_match(&raw), "refused {raw:?}: {e}");
+                    prop_assert_eq!(Some(e.clone()), secret_error(&raw));
+                    // The message never echoes what was presented.
+                    if let Some(body) = raw.get(3..).filter(|b| b.len() >= 8) {
+                        prop_assert!(!e.to_string().contains(body));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn every_secret_round_trips(bytes in any::<[u8; 32]>()) {
+            let secret = ApiSecret(bytes);
+            let parsed = ApiSecret::parse(&secret.expose());
+            prop_assert_eq!(parsed.map(|s| s.0), Ok(bytes));
+        }
+
+        #[test]
+        fn a_master_key_is_accepted_exactly_when_the_spec_says(
+            text in prop_oneof![
+                any_text(),
+                testing::master_key_like(),
+            ]
+        ) {
+            match MasterKey::from_hex(&text) {
+                Ok(key) => {
+                    prop_assert!(MASTER_KEY_FORM.is_match(&text), "accepted {text:?}");
+                    let hex_digits = text.trim_end_matches(['\r', '\n']).to_ascii_lowercase();
+                    prop_assert_eq!(key.to_hex_line(), format!("{hex_digits}\n"));
+                }
+                Err(e) => {
+                    prop_assert!(!MASTER_KEY_FORM.is_match(&text), "refused {text:?}");
+                    prop_assert_eq!(e, MasterKeyFormatError);
+                }
+            }
+        }
+
+        #[test]
+        fn every_master_key_round_trips(bytes in any::<[u8; 32]>()) {
+            let key = MasterKey::from_bytes(bytes);
+            prop_assert_eq!(MasterKey::from_hex(&key.to_hex_line()), Ok(key));
+        }
+    }
+}
+
+/// Strategies and SPEC oracles shared by the property tests of the parsers.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::LazyLock;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use proptest::prelude::*;
+    use regex::Regex;
+
+    /// SPEC §1's api_key form.
+    pub(crate) static KEY_FORM: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new("^ak_[A-Za-z0-9]{16,64}$").expect("pattern"));
+    /// SPEC §1's api_secret form: 43 base64url characters of which the last carries two
+    /// unused low bits, zero in the canonical encoding (values 0, 4, … 60).
+    pub(crate) static CANONICAL_SECRET: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new("^sk_[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$").expect("pattern"));
+    /// SPEC §1's key file: 64 hex characters, then a newline or not (CRLF counts as one).
+    pub(crate) static MASTER_KEY_FORM: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new("^[0-9A-Fa-f]{64}(\\r?\\n)?$").expect("pattern"));
+
+    /// Any text at all: arbitrary Unicode, control characters included.
+    pub(crate) fn any_text() -> impl Strategy<Value = String> + Clone {
+        prop_oneof![any::<String>(), "\\PC{0,80}"]
+    }
+
+    /// A character a near miss may carry: anything, or one from the alphabets nearby.
+    fn near_char() -> impl Strategy<Value = char> + Clone {
+        prop_oneof![
+            any::<char>(),
+            proptest::sample::select("AZaz09_-+/= .\n\u{e9}\u{0}".chars().collect::<Vec<_>>()),
+        ]
+    }
+
+    /// `s` with one character replaced, removed or inserted.
+    pub(crate) fn mutate(s: String) -> impl Strategy<Value = String> {
+        let n = s.chars().count();
+        (0..=n, near_char(), 0..3u8).prop_map(move |(at, c, op)| {
+            let mut chars: Vec<char> = s.chars().collect();
+            match op {
+                0 if at < n => chars[at] = c,
+                1 if at < n => {
+                    chars.remove(at);
+                }
+                _ => chars.insert(at, c),
+            }
+            chars.into_iter().collect()
+        })
+    }
+
+    /// A valid api_key.
+    pub(crate) fn valid_key() -> impl Strategy<Value = String> + Clone {
+        "ak_[A-Za-z0-9]{16,64}"
+    }
+
+    /// Keys that are valid, almost valid, or the wrong length or prefix.
+    pub(crate) fn key_like() -> impl Strategy<Value = String> + Clone {
+        prop_oneof![
+            valid_key(),
+            valid_key().prop_flat_map(mutate),
+            "(ak_|AK_|Ak_|ak-|ak|a|_|sk_|ak__| ak_)?[A-Za-z0-9]{0,70}",
+            "ak_[ -~]{0,70}",
+        ]
+    }
+
+    /// A valid (canonical) api_secret.
+    pub(crate) fn valid_secret() -> impl Strategy<Value = String> + Clone {
+        any::<[u8; 32]>().prop_map(|b| format!("sk_{}", URL_SAFE_NO_PAD.encode(b)))
+    }
+
+    /// Secrets that are canonical, almost so (one character off, a non-canonical last
+    /// character, padding), or the wrong length or prefix.
+    pub(crate) fn secret_like() -> impl Strategy<Value = String> + Clone {
+        let b64 = proptest::sample::select(
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+                .chars()
+                .collect::<Vec<_>>(),
+        );
+        prop_oneof![
+            valid_secret(),
+            valid_secret().prop_flat_map(mutate),
+            (valid_secret(), b64).prop_map(|(s, last)| format!("{}{last}", &s[..s.len() - 1])),
+            valid_secret().prop_map(|s| format!("{s}=")),
+            valid_secret().prop_map(|s| format!("{}=", &s[..s.len() - 1])),
+            // Standard base64 spells two of the characters differently.
+            valid_secret().prop_map(|s| s.replace('-', "+").replace('_', "/")),
+            "(sk_|SK_|sk-|sk|ak_)?[A-Za-z0-9_=+/-]{0,50}",
+        ]
+    }
+
+    /// Key file texts: valid, almost valid, other lengths and line ends.
+    pub(crate) fn master_key_like() -> impl Strategy<Value = String> + Clone {
+        let valid = "[0-9a-fA-F]{64}(\n|\r\n)?";
+        prop_oneof![
+            valid,
+            valid.prop_flat_map(mutate),
+            "[ \t\u{feff}]?[0-9a-fA-F]{0,70}(\n|\r\n|\r|\n\n|\n\r| |\t|\0)?",
+        ]
+    }
 }

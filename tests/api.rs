@@ -76,6 +76,57 @@ async fn register_rejects_malformed_bodies_and_fields_with_400(backend: Backend)
     assert_eq!(app.verify(&good).await, StatusCode::UNAUTHORIZED);
 }
 
+async fn register_refuses_duplicate_json_fields_with_400_naming_them(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let good = mint();
+    let other = mint();
+    let (k, s) = (json!(good.key), json!(good.secret));
+    let (k2, s2) = (json!(other.key), json!(other.secret));
+    // (body, the field the message must name)
+    let cases = [
+        (
+            format!(r#"{{"api_key":{k},"api_key":{k2},"api_secret":{s}}}"#),
+            "api_key",
+        ),
+        // Identical copies too: which one a reader keeps must never matter.
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s},"api_key":{k}}}"#),
+            "api_key",
+        ),
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s2},"api_secret":{s}}}"#),
+            "api_secret",
+        ),
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s},"note":1,"note":1}}"#),
+            "note",
+        ),
+        (
+            format!(r#"{{"api_key":{k},"api_secret":{s},"x":{{"y":1,"y":2}}}}"#),
+            "x.y",
+        ),
+    ];
+    for (body, field) in cases {
+        let resp = app
+            .client
+            .post(app.url("/credentials"))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let err = assert_error(resp, StatusCode::BAD_REQUEST, "INVALID_FIELD").await;
+        let message = err["error"]["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("{field} ")),
+            "{body}: message {message:?} does not name {field}"
+        );
+    }
+    // None of them registered either key.
+    assert_eq!(app.verify(&good).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.register(&good).await.status(), StatusCode::CREATED);
+}
+
 async fn non_canonical_secret_is_never_registered_or_authenticated(backend: Backend) {
     let app = spawn_app(backend).await;
     // The vector's secret ends in 'o' (low bits 00); 'p' decodes to the same bytes leniently.
@@ -398,6 +449,64 @@ async fn every_authentication_failure_is_the_same_401(backend: Backend) {
     }
 }
 
+async fn repeated_credential_headers_are_the_same_401(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let good = app.registered().await;
+    let other = app.registered().await;
+    let reference = app.send(Method::GET, "/auth/verify", None).await;
+    let reference = assert_error(reference, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+    let series = "credgate_auth_results_total{result=\"rejected_form\"}";
+    let before = app.metric(series).await;
+    let get = || app.request(Method::GET, "/auth/verify", None);
+    // reqwest appends: each `.header` call sends one more header line.
+    let requests = vec![
+        // Identical copies.
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Secret", &good.secret),
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Secret", &good.secret)
+            .header("X-Api-Secret", &good.secret),
+        // Two valid credentials: a proxy reading the last copy would act as `other`.
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Key", &other.key)
+            .header("X-Api-Secret", &good.secret)
+            .header("X-Api-Secret", &other.secret),
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("x-api-key", &other.key)
+            .header("X-Api-Secret", &good.secret),
+        get()
+            .header("X-Api-Key", &good.key)
+            .header("X-Api-Secret", &good.secret)
+            .header("X-Api-Secret", ""),
+    ];
+    let n = requests.len() as f64;
+    for req in requests {
+        let resp = req.send().await.unwrap();
+        let body = assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+        assert_eq!(body, reference);
+    }
+    assert_eq!(app.metric(series).await - before, n);
+    // A protected route other than /auth/verify refuses them too.
+    let resp = app
+        .request(
+            Method::GET,
+            &format!("/credentials/{}", good.key),
+            Some(&good),
+        )
+        .header("X-Api-Key", &good.key)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+    // Sent once each, the same pair still works.
+    assert_eq!(app.verify(&good).await, StatusCode::NO_CONTENT);
+}
+
 async fn auth_verify_returns_204_with_the_key_header(backend: Backend) {
     let app = spawn_app(backend).await;
     let pair = app.registered().await;
@@ -435,6 +544,74 @@ async fn unknown_routes_and_wrong_methods_need_credentials_first(backend: Backen
         (Method::DELETE, "/metrics"),
         (Method::PUT, "/ready"),
     ] {
+        let resp = app.send(method, path, None).await;
+        assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
+    }
+}
+
+/// The headers of a response minus `date`, which differs between any two responses.
+fn headers_but_date(resp: &reqwest::Response) -> Vec<(String, String)> {
+    let mut headers: Vec<(String, String)> = resp
+        .headers()
+        .iter()
+        .filter(|(name, _)| *name != "date")
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap().to_owned()))
+        .collect();
+    headers.sort();
+    headers
+}
+
+async fn anonymous_wrong_method_is_indistinguishable_from_any_401(backend: Backend) {
+    let app = spawn_app(backend).await;
+    let pair = app.registered().await;
+    let own = format!("/credentials/{}", pair.key);
+    // The reference: an anonymous request to a route that does not exist.
+    let reference = app.send(Method::GET, "/nope", None).await;
+    let reference_headers = headers_but_date(&reference);
+    assert_eq!(reference.status(), StatusCode::UNAUTHORIZED);
+    let reference_body = reference.bytes().await.unwrap();
+    let anonymous = [
+        None,
+        Some(forged()),
+        Some(Pair {
+            key: pair.key.clone(),
+            secret: "sk_bad".into(),
+        }),
+    ];
+    for (method, path) in [
+        (Method::PUT, "/credentials"),
+        (Method::DELETE, "/credentials"),
+        (Method::POST, "/auth/verify"),
+        (Method::DELETE, "/auth/verify"),
+        (Method::PATCH, own.as_str()),
+        (Method::POST, own.as_str()),
+        (Method::PUT, "/credentials/ak_x"),
+    ] {
+        for auth in &anonymous {
+            let resp = app.send(method.clone(), path, auth.as_ref()).await;
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {path}");
+            assert!(
+                resp.headers().get("allow").is_none(),
+                "{method} {path}: a 401 carries Allow: {:?}",
+                resp.headers().get("allow")
+            );
+            assert_eq!(
+                headers_but_date(&resp),
+                reference_headers,
+                "{method} {path}"
+            );
+            assert_eq!(
+                resp.bytes().await.unwrap(),
+                reference_body,
+                "{method} {path}"
+            );
+        }
+        // With valid credentials the route is revealed: 405.
+        let resp = app.send(method.clone(), path, Some(&pair)).await;
+        assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
+    }
+    // Public routes answer 405 to anyone.
+    for (method, path) in [(Method::POST, "/health"), (Method::DELETE, "/ready")] {
         let resp = app.send(method, path, None).await;
         assert_error(resp, StatusCode::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED").await;
     }
@@ -612,6 +789,7 @@ contract_tests!(
     register_returns_201_with_the_key_only,
     register_accepts_the_spec_test_vectors,
     register_rejects_malformed_bodies_and_fields_with_400,
+    register_refuses_duplicate_json_fields_with_400_naming_them,
     non_canonical_secret_is_never_registered_or_authenticated,
     register_forged_pair_is_403_whether_or_not_the_key_exists,
     register_duplicate_is_409_active_or_revoked,
@@ -624,9 +802,182 @@ contract_tests!(
     a_credential_may_revoke_itself,
     concurrent_revocations_of_one_key_succeed_exactly_once,
     every_authentication_failure_is_the_same_401,
+    repeated_credential_headers_are_the_same_401,
     auth_verify_returns_204_with_the_key_header,
     unknown_routes_and_wrong_methods_need_credentials_first,
+    anonymous_wrong_method_is_indistinguishable_from_any_401,
     health_ready_and_metrics_are_public,
     get_one_credential_active_revoked_or_unknown,
     list_pages_with_a_cursor_and_filters,
 );
+
+// ---- Properties over HTTP: few cases, the parsers themselves are covered in unit tests ----
+
+mod properties {
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+
+    use credgate::credential::{ApiKey, ApiSecret, MasterKey, SecretDeriver};
+    use proptest::prelude::*;
+    use reqwest::StatusCode;
+    use serde_json::{Value, json};
+
+    use super::common::{Backend, Pair, deriver, spawn_app};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A register body's top-level entries: the pair (its secret derived, forged, one
+    /// character off or arbitrary), perhaps a repeated field and an extra one, in any order.
+    fn register_entries() -> impl Strategy<Value = Vec<(String, Value)>> {
+        let key = prop_oneof![3 => "ak_[A-Za-z0-9]{32}", 1 => "(ak_)?[A-Za-z0-9_+=-]{10,70}"];
+        (
+            key,
+            0..4u8,
+            "[A-Za-z0-9_-]",
+            prop::option::of((any::<bool>(), any::<bool>())),
+            prop::option::of(("[a-z_]{1,10}", any::<i32>())),
+        )
+            .prop_flat_map(|(key, kind, last, repeat, extra)| {
+                let derive = |d: &SecretDeriver| {
+                    ApiKey::parse(&key)
+                        .map(|k| d.secret_for(&k).expose())
+                        .unwrap_or_else(|_| format!("sk_{}", "A".repeat(43)))
+                };
+                let derived = derive(&deriver());
+                let secret = match kind {
+                    0 => derived.clone(),
+                    1 => derive(&SecretDeriver::new(&MasterKey::from_bytes([42; 32]))),
+                    2 => format!("{}{last}", &derived[..derived.len() - 1]),
+                    _ => format!("sk_{last}"),
+                };
+                let mut entries = vec![
+                    ("api_key".to_owned(), json!(key)),
+                    ("api_secret".to_owned(), json!(secret)),
+                ];
+                if let Some((which, same)) = repeat {
+                    let (name, value) = entries[usize::from(which)].clone();
+                    // The other copy: the same, or another key, or the secret that would
+                    // make the pair valid.
+                    let other = if which { derived } else { format!("{key}0") };
+                    entries.push((name, if same { value } else { json!(other) }));
+                }
+                if let Some((name, n)) = extra {
+                    entries.push((name, json!(n)));
+                }
+                Just(entries).prop_shuffle()
+            })
+    }
+
+    /// The status SPEC §2 gives a register body, by the crate's own (unit-tested) parsers.
+    fn register_status(entries: &[(String, Value)], registered: &HashSet<String>) -> StatusCode {
+        let names: HashSet<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+        let field = |name: &str| {
+            entries
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| v.as_str())
+                .unwrap_or_default()
+        };
+        match (
+            names.len() == entries.len(),
+            ApiKey::parse(field("api_key")),
+            ApiSecret::parse(field("api_secret")),
+        ) {
+            (true, Ok(key), Ok(secret)) if deriver().verify(&key, &secret) => {
+                if registered.contains(key.as_str()) {
+                    StatusCode::CONFLICT
+                } else {
+                    StatusCode::CREATED
+                }
+            }
+            (true, Ok(_), Ok(_)) => StatusCode::FORBIDDEN,
+            _ => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    #[test]
+    fn register_answers_exactly_as_the_spec_says() {
+        let rt = runtime();
+        let app = rt.block_on(spawn_app(Backend::Sqlite));
+        // Shrinking replays inputs: a key registered once is a 409 afterwards.
+        let registered = RefCell::new(HashSet::new());
+        proptest!(ProptestConfig::with_cases(48), |(entries in register_entries())| {
+            let body = format!(
+                "{{{}}}",
+                entries
+                    .iter()
+                    .map(|(n, v)| format!("{}:{v}", json!(n)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let want = register_status(&entries, &registered.borrow());
+            let got = rt.block_on(async {
+                app.client
+                    .post(app.url("/credentials"))
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            });
+            if got == StatusCode::CREATED {
+                let key = entries.iter().find(|(n, _)| n == "api_key").unwrap();
+                registered.borrow_mut().insert(key.1.as_str().unwrap().to_owned());
+            }
+            prop_assert_eq!(got, want, "{}", body);
+        });
+    }
+
+    #[test]
+    fn only_one_copy_of_each_header_of_a_registered_pair_authenticates() {
+        let rt = runtime();
+        let app = rt.block_on(spawn_app(Backend::Sqlite));
+        let pairs: Vec<Pair> =
+            rt.block_on(async { vec![app.registered().await, app.registered().await] });
+        let reference = rt.block_on(async {
+            app.send(reqwest::Method::GET, "/auth/verify", None)
+                .await
+                .bytes()
+                .await
+                .unwrap()
+        });
+        // Indexes 0 and 1 pick a registered pair's part; anything else, printable noise.
+        let part = || prop_oneof![(0..2usize).prop_map(Ok), "[!-~]{0,50}".prop_map(Err)];
+        proptest!(ProptestConfig::with_cases(48), |(
+            keys in prop::collection::vec(part(), 0..3),
+            secrets in prop::collection::vec(part(), 0..3),
+        )| {
+            let value = |p: &Result<usize, String>, secret: bool| match p {
+                Ok(i) if secret => pairs[*i].secret.clone(),
+                Ok(i) => pairs[*i].key.clone(),
+                Err(noise) => noise.clone(),
+            };
+            let mut req = app.client.get(app.url("/auth/verify"));
+            for k in &keys {
+                req = req.header("X-Api-Key", value(k, false));
+            }
+            for s in &secrets {
+                req = req.header("X-Api-Secret", value(s, true));
+            }
+            let want = match (keys.as_slice(), secrets.as_slice()) {
+                ([Ok(k)], [Ok(s)]) if k == s => StatusCode::NO_CONTENT,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            let (status, body) = rt.block_on(async {
+                let resp = req.send().await.unwrap();
+                (resp.status(), resp.bytes().await.unwrap())
+            });
+            prop_assert_eq!(status, want, "keys {:?} secrets {:?}", keys, secrets);
+            if status == StatusCode::UNAUTHORIZED {
+                prop_assert_eq!(&body, &reference);
+            }
+        });
+    }
+}

@@ -1,6 +1,9 @@
 //! Route handlers. Each parses its input into credential types, calls the store or the
 //! authenticator, and answers; errors are `ApiError`s, never hand-built JSON.
 
+use std::cell::RefCell;
+use std::fmt;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -8,7 +11,8 @@ use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value, json};
 
 use super::{ApiError, AppState};
 use crate::auth::Caller;
@@ -84,9 +88,28 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// Parses a register body: one JSON object, no key repeated at any depth, with the two
+/// fields well formed. serde_json alone keeps the last of repeated keys; a proxy or firewall
+/// in front may keep the first and so judge another pair than the one registered here.
 fn parse_pair(body: &[u8]) -> Result<(ApiKey, ApiSecret), ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|_| ApiError::InvalidField("request body is not valid JSON".into()))?;
+    let duplicate = RefCell::new(Vec::new());
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let value = UniqueKeys { path: &duplicate }
+        .deserialize(&mut json)
+        .and_then(|value| json.end().map(|()| value))
+        .map_err(|_| {
+            let path = duplicate.borrow();
+            if path.is_empty() {
+                ApiError::InvalidField("request body is not valid JSON".into())
+            } else {
+                // Collected innermost first, on the way out.
+                let name: Vec<&str> = path.iter().rev().map(String::as_str).collect();
+                match name.join(".") {
+                    empty if empty.is_empty() => ApiError::field("\"\"", "appears more than once"),
+                    name => ApiError::field(&name, "appears more than once"),
+                }
+            }
+        })?;
     let Value::Object(fields) = value else {
         return Err(ApiError::InvalidField(
             "request body must be a JSON object".into(),
@@ -97,6 +120,98 @@ fn parse_pair(body: &[u8]) -> Result<(ApiKey, ApiSecret), ApiError> {
     let secret = ApiSecret::parse(string_field(&fields, "api_secret")?)
         .map_err(|e| ApiError::field("api_secret", e))?;
     Ok((key, secret))
+}
+
+/// Deserializes any JSON value like `serde_json::Value` does, but fails on an object that
+/// repeats a key. On that failure `path` holds the keys (array positions as numbers) from the
+/// repeated key up to the top, so the error can name it.
+struct UniqueKeys<'p> {
+    path: &'p RefCell<Vec<String>>,
+}
+
+impl UniqueKeys<'_> {
+    /// Records where a failure below happened, when it is a repeated key.
+    fn within<E>(&self, step: impl FnOnce() -> String) -> impl FnOnce(E) -> E {
+        move |e| {
+            let mut path = self.path.borrow_mut();
+            if !path.is_empty() {
+                path.push(step());
+            }
+            e
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for UniqueKeys<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UniqueKeys<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        // JSON text cannot spell NaN or infinity; serde_json's own Value maps them to null too.
+        Ok(Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq
+            .next_element_seed(UniqueKeys { path: self.path })
+            .map_err(self.within(|| items.len().to_string()))?
+        {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut fields = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if fields.contains_key(&key) {
+                let e = de::Error::custom(format_args!("duplicate key {key:?}"));
+                self.path.borrow_mut().push(key);
+                return Err(e);
+            }
+            let value = map
+                .next_value_seed(UniqueKeys { path: self.path })
+                .map_err(self.within(|| key.clone()))?;
+            fields.insert(key, value);
+        }
+        Ok(Value::Object(fields))
+    }
 }
 
 fn string_field<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, ApiError> {
@@ -174,6 +289,39 @@ pub(super) async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let ListRequest {
+        limit,
+        after,
+        active,
+    } = list_request(params)?;
+    let page = state
+        .store
+        .list(&ListQuery {
+            after,
+            active,
+            limit: limit + 1,
+        })
+        .await?;
+    let more = page.len() > limit as usize;
+    let page: Vec<_> = page.into_iter().take(limit as usize).collect();
+    let next = more
+        .then(|| page.last().map(|r| r.api_key.clone()))
+        .flatten();
+    Ok(Json(json!({ "credentials": page, "next": next })))
+}
+
+/// A `GET /credentials` query, checked.
+#[derive(Debug, PartialEq, Eq)]
+struct ListRequest {
+    /// Page size, 1..=1000.
+    limit: u32,
+    after: Option<ApiKey>,
+    active: Option<bool>,
+}
+
+fn list_request(
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<ListRequest, ApiError> {
     let Query(params) =
         params.map_err(|_| ApiError::InvalidField("query string is malformed".into()))?;
     let limit = match params.limit.as_deref() {
@@ -196,18 +344,381 @@ pub(super) async fn list(
         Some("false") => Some(false),
         Some(_) => return Err(ApiError::field("active", "must be true or false")),
     };
-    let page = state
-        .store
-        .list(&ListQuery {
+    Ok(ListRequest {
+        limit,
+        after,
+        active,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ak_0123456789abcdefghijklmnopqrstuv";
+    const SECRET: &str = "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo";
+
+    fn message(body: &str) -> String {
+        match parse_pair(body.as_bytes()) {
+            Err(ApiError::InvalidField(message)) => message,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_well_formed_body_parses() {
+        let (key, secret) = parse_pair(
+            format!(r#"{{"api_key":"{KEY}","api_secret":"{SECRET}","x":[1,{{}}]}}"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(key.as_str(), KEY);
+        assert_eq!(secret.expose(), SECRET);
+    }
+
+    #[test]
+    fn repeated_keys_are_named_at_any_depth() {
+        for (body, field) in [
+            (
+                format!(r#"{{"api_key":"{KEY}","api_key":"{KEY}","api_secret":"{SECRET}"}}"#),
+                "api_key",
+            ),
+            // The same key spelled with an escape is the same key.
+            (
+                format!(r#"{{"api_key":"{KEY}","api_secret":"{SECRET}","api\u005fsecret":"x"}}"#),
+                "api_secret",
+            ),
+            (r#"{"a":{"b":[0,{"c":1,"c":1}]}}"#.to_owned(), "a.b.1.c"),
+            (r#"[{"x":1},{"y":1,"y":2}]"#.to_owned(), "1.y"),
+            // Found before the syntax error after it.
+            (r#"{"z":1,"z":2,"#.to_owned(), "z"),
+            (r#"{"":1,"":2}"#.to_owned(), r#""""#),
+        ] {
+            assert_eq!(message(&body), format!("{field} appears more than once"));
+        }
+    }
+
+    #[test]
+    fn other_malformed_bodies_are_400() {
+        assert_eq!(message(""), "request body is not valid JSON");
+        assert_eq!(message("{} {}"), "request body is not valid JSON");
+        assert_eq!(message(r#"{"a":1}x"#), "request body is not valid JSON");
+        assert_eq!(message("[1]"), "request body must be a JSON object");
+        assert_eq!(message("{}"), "api_key is missing");
+        assert_eq!(
+            message(&format!(r#"{{"api_key":"{KEY}","api_secret":7}}"#)),
+            "api_secret must be a string"
+        );
+        // Nesting beyond serde_json's recursion limit fails cleanly, without a stack overflow.
+        assert_eq!(
+            message(&"[".repeat(100_000)),
+            "request body is not valid JSON"
+        );
+    }
+
+    // ---- Properties ----------------------------------------------------------------------
+
+    use crate::credential::testing::{
+        CANONICAL_SECRET, KEY_FORM, any_text, key_like, secret_like, valid_key, valid_secret,
+    };
+    use axum::http::Uri;
+    use proptest::prelude::*;
+
+    /// What serde_json itself makes of a body, and what the duplicate-refusing reader does.
+    fn both(text: &str) -> (Result<Value, String>, serde_json::Result<Value>) {
+        let path = RefCell::new(Vec::new());
+        let mut json = serde_json::Deserializer::from_str(text);
+        let ours = UniqueKeys { path: &path }
+            .deserialize(&mut json)
+            .and_then(|v| json.end().map(|()| v))
+            .map_err(|e| format!("{e} at {:?}", path.borrow()));
+        (ours, serde_json::from_str(text))
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter_map("finite", |f| Number::from_f64(f).map(Value::Number)),
+            any_text().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec(("[a-z_]{0,3}|\\PC{0,8}", inner), 0..6)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A top-level key: how a body spells it, and the key it means.
+    fn body_key() -> impl Strategy<Value = (&'static str, &'static str)> {
+        proptest::sample::select(vec![
+            (r#""api_key""#, "api_key"),
+            (r#""api\u005fkey""#, "api_key"),
+            (r#""api_secret""#, "api_secret"),
+            (r#""api_secret ""#, "api_secret "),
+            (r#""x""#, "x"),
+            (r#""""#, ""),
+        ])
+    }
+
+    fn body_value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            3 => key_like().prop_map(Value::String),
+            3 => secret_like().prop_map(Value::String),
+            1 => json_value(),
+        ]
+    }
+
+    /// The outcome SPEC §2 gives a register body with these top-level entries: the pair, or
+    /// the name the 400's message starts with.
+    fn register_outcome(entries: &[(&str, &str, Value)]) -> Result<(String, String), String> {
+        let mut seen = std::collections::HashSet::new();
+        for (_, key, _) in entries {
+            if !seen.insert(*key) {
+                let name = if key.is_empty() { "\"\"" } else { key };
+                return Err(format!("{name} appears more than once"));
+            }
+        }
+        let field = |name: &str| -> Result<String, String> {
+            match entries.iter().find(|(_, k, _)| *k == name) {
+                Some((_, _, Value::String(s))) => Ok(s.clone()),
+                Some(_) => Err(format!("{name} must be a string")),
+                None => Err(format!("{name} is missing")),
+            }
+        };
+        let key = field("api_key")?;
+        if !KEY_FORM.is_match(&key) {
+            return Err("api_key ".into());
+        }
+        let secret = field("api_secret")?;
+        if !CANONICAL_SECRET.is_match(&secret) {
+            return Err("api_secret ".into());
+        }
+        Ok((key, secret))
+    }
+
+    /// `s` percent-encoded: every byte outside the unreserved set, or every byte at all.
+    fn encode(s: &str, everything: bool) -> String {
+        s.bytes()
+            .map(|b| {
+                if !everything && (b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    }
+
+    fn list(query: &str) -> Result<ListRequest, ApiError> {
+        let uri = Uri::try_from(format!("/credentials?{query}")).unwrap();
+        list_request(Query::try_from_uri(&uri))
+    }
+
+    /// The outcome SPEC §2 gives a list query of these (decoded) parameters: the request, or
+    /// the start of the 400's message.
+    fn list_outcome(params: &[(String, String)]) -> Result<ListRequest, String> {
+        let one = |name: &str| {
+            let mut values = params.iter().filter(|(n, _)| n == name).map(|(_, v)| v);
+            match (values.next(), values.next()) {
+                (_, Some(_)) => Err("query string is malformed".to_owned()),
+                (value, None) => Ok(value),
+            }
+        };
+        let (limit, after, active) = (one("limit")?, one("after")?, one("active")?);
+        let limit = match limit {
+            None => 100,
+            Some(raw) => {
+                // A whole number; `+` and leading zeros are tolerated, as Rust's parser does.
+                let digits = raw.strip_prefix('+').unwrap_or(raw);
+                let significant = digits.trim_start_matches('0');
+                match significant.parse::<u32>() {
+                    Ok(n)
+                        if digits.bytes().all(|b| b.is_ascii_digit())
+                            && (1..=1000).contains(&n) =>
+                    {
+                        n
+                    }
+                    _ => return Err("limit ".into()),
+                }
+            }
+        };
+        let after = match after {
+            None => None,
+            Some(raw) if KEY_FORM.is_match(raw) => ApiKey::parse(raw).ok(),
+            Some(_) => return Err("after ".into()),
+        };
+        let active = match active.map(String::as_str) {
+            None => None,
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            Some(_) => return Err("active ".into()),
+        };
+        Ok(ListRequest {
+            limit,
             after,
             active,
-            limit: limit + 1,
         })
-        .await?;
-    let more = page.len() > limit as usize;
-    let page: Vec<_> = page.into_iter().take(limit as usize).collect();
-    let next = more
-        .then(|| page.last().map(|r| r.api_key.clone()))
-        .flatten();
-    Ok(Json(json!({ "credentials": page, "next": next })))
+    }
+
+    /// A query parameter, mostly one of the three with a value near what it takes.
+    fn param() -> impl Strategy<Value = (String, String)> {
+        let limit = prop_oneof![
+            "[+-]?0{0,3}[0-9]{0,5}",
+            "[0-9]{8,25}",
+            proptest::sample::select(vec!["1", "100", "1000", "1001", "0", " 5", "5 ", "5.0"])
+                .prop_map(String::from),
+        ];
+        let active = proptest::sample::select(vec![
+            "true", "false", "TRUE", "False", "1", "0", "yes", "", " true", "true ",
+        ])
+        .prop_map(String::from);
+        let other_name = prop_oneof![
+            proptest::sample::select(vec!["LIMIT", "limit ", "other", "", "after[]"])
+                .prop_map(String::from),
+            any_text(),
+        ];
+        let value = prop_oneof![limit.clone(), active.clone(), key_like(), any_text()];
+        prop_oneof![
+            2 => limit.prop_map(|v| ("limit".to_owned(), v)),
+            2 => key_like().prop_map(|v| ("after".to_owned(), v)),
+            2 => active.prop_map(|v| ("active".to_owned(), v)),
+            1 => (prop_oneof![
+                proptest::sample::select(vec!["limit", "after", "active"]).prop_map(String::from),
+                other_name,
+            ], value),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn without_repeated_keys_the_body_reads_as_serde_json_reads_it(
+            value in json_value(),
+            pretty in any::<bool>(),
+        ) {
+            let text = if pretty {
+                serde_json::to_string_pretty(&value)
+            } else {
+                serde_json::to_string(&value)
+            }
+            .unwrap();
+            let (ours, theirs) = both(&text);
+            prop_assert_eq!(ours, Ok(theirs.unwrap()));
+            if !value.is_object() {
+                prop_assert_eq!(
+                    parse_pair(text.as_bytes()).unwrap_err().to_string(),
+                    "request body must be a JSON object"
+                );
+            }
+        }
+
+        #[test]
+        fn a_register_body_is_accepted_exactly_when_the_spec_says(
+            entries in prop_oneof![
+                prop::collection::vec((body_key(), body_value()), 0..6),
+                // A good pair among a few other entries, in any order.
+                (
+                    valid_key(),
+                    valid_secret(),
+                    prop::collection::vec((body_key(), body_value()), 0..2),
+                )
+                    .prop_flat_map(|(key, secret, extra)| {
+                        let mut entries = vec![
+                            ((r#""api_key""#, "api_key"), Value::String(key)),
+                            ((r#""api_secret""#, "api_secret"), Value::String(secret)),
+                        ];
+                        entries.extend(extra);
+                        Just(entries).prop_shuffle()
+                    }),
+            ],
+            space in "[ \t\r\n]{0,2}",
+        ) {
+            let entries: Vec<(&str, &str, Value)> =
+                entries.into_iter().map(|((raw, key), v)| (raw, key, v)).collect();
+            let body = format!(
+                "{space}{{{}}}{space}",
+                entries
+                    .iter()
+                    .map(|(raw, _, v)| format!("{raw}{space}:{space}{v}"))
+                    .collect::<Vec<_>>()
+                    .join(&format!("{space},"))
+            );
+            match (parse_pair(body.as_bytes()), register_outcome(&entries)) {
+                (Ok((key, secret)), Ok((k, s))) => {
+                    prop_assert_eq!(key.as_str(), k.as_str());
+                    prop_assert_eq!(secret.expose(), s);
+                }
+                (Err(ApiError::InvalidField(message)), Err(start)) => {
+                    prop_assert!(message.starts_with(&start), "{body}: {message:?}, want {start:?}");
+                }
+                (got, want) => prop_assert!(false, "{body}: got {got:?}, want {want:?}"),
+            }
+        }
+
+        #[test]
+        fn any_bytes_are_a_pair_or_a_400(body in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            "[{}\\[\\]\":, a-z_0-9\\\\]{0,60}".prop_map(String::into_bytes),
+        ]) {
+            match parse_pair(&body) {
+                Ok((key, secret)) => {
+                    let value: Value = serde_json::from_slice(&body).unwrap();
+                    prop_assert_eq!(value["api_key"].as_str(), Some(key.as_str()));
+                    let secret = secret.expose();
+                    prop_assert_eq!(value["api_secret"].as_str(), Some(secret.as_str()));
+                }
+                Err(ApiError::InvalidField(_)) => {}
+                Err(other) => prop_assert!(false, "{other:?}"),
+            }
+        }
+
+        #[test]
+        fn a_list_query_is_accepted_exactly_when_the_spec_says(
+            params in prop::collection::vec(param(), 0..4),
+            everything in any::<bool>(),
+            bare in any::<bool>(),
+        ) {
+            let query = params
+                .iter()
+                .map(|(n, v)| match (v.is_empty() && bare, encode(n, everything), encode(v, everything)) {
+                    (true, n, _) => n,
+                    (false, n, v) => format!("{n}={v}"),
+                })
+                .collect::<Vec<_>>()
+                .join("&");
+            // Empty names are skipped by the decoder, with their values.
+            let decoded: Vec<(String, String)> =
+                params.into_iter().filter(|(n, _)| !n.is_empty()).collect();
+            match (list(&query), list_outcome(&decoded)) {
+                (Ok(got), Ok(want)) => prop_assert_eq!(got, want),
+                (Err(ApiError::InvalidField(message)), Err(start)) => {
+                    prop_assert!(message.starts_with(&start), "{query}: {message:?}, want {start:?}");
+                }
+                (got, want) => prop_assert!(false, "{query}: got {got:?}, want {want:?}"),
+            }
+        }
+
+        #[test]
+        fn any_query_is_a_request_or_a_400(query in prop_oneof![
+            "[a-zA-Z0-9=&%+._~-]{0,60}",
+            "((limit|after|active)=[0-9a-z%+_-]{0,12}&?){0,4}",
+            any_text().prop_map(|t| encode(&t, false)),
+        ]) {
+            match list(&query) {
+                Ok(request) => prop_assert!((1..=1000).contains(&request.limit)),
+                Err(ApiError::InvalidField(message)) => prop_assert!(
+                    ["query string is malformed", "limit ", "after ", "active "]
+                        .iter()
+                        .any(|start| message.starts_with(start)),
+                    "{message}"
+                ),
+                Err(other) => prop_assert!(false, "{other:?}"),
+            }
+        }
+    }
 }

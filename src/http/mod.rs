@@ -1,8 +1,9 @@
 //! The HTTP API (SPEC §2): the router, the middleware stack, and the handlers.
 //!
 //! Every request passes, outermost first: metrics and request logging → panic catcher →
-//! per-request timeout → the authentication guard (skipped for the public routes) → the
-//! route. Unknown routes and wrong methods therefore answer 401 to anonymous callers.
+//! per-request timeout → the authentication guard (skipped for the public routes) → routing
+//! → the route. The guard runs before routing, so unknown routes and wrong methods answer an
+//! anonymous caller with the same 401 as everything else, without an `Allow` header.
 
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,7 @@ pub struct AppState {
 
 /// Builds the whole API: routes, error fallbacks and middleware.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    Router::new()
+    let routes = Router::new()
         .route("/health", get(handlers::health))
         .route("/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
@@ -53,21 +54,25 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         .route("/auth/verify", get(handlers::verify))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(
-            ServiceBuilder::new()
-                .layer(middleware::from_fn_with_state(
-                    state.metrics.clone(),
-                    observe,
-                ))
-                .layer(CatchPanicLayer::custom(|_| {
-                    tracing::error!("a request handler panicked");
-                    ApiError::Internal.into_response()
-                }))
-                .layer(middleware::from_fn_with_state(request_timeout, timeout))
-                .layer(middleware::from_fn_with_state(state.auth.clone(), guard))
-                .layer(DefaultBodyLimit::max(BODY_LIMIT)),
-        )
-        .with_state(state)
+        .with_state(state.clone());
+    // The middleware wraps the routes from outside rather than through `Router::layer`, which
+    // would put it inside each route's method router: that router adds `Allow` to whatever
+    // its method-not-allowed fallback answers — the guard's 401 included — and so told an
+    // anonymous caller which routes exist and their methods.
+    let stack = ServiceBuilder::new()
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            observe,
+        ))
+        .layer(CatchPanicLayer::custom(|_| {
+            tracing::error!("a request handler panicked");
+            ApiError::Internal.into_response()
+        }))
+        .layer(middleware::from_fn_with_state(request_timeout, timeout))
+        .layer(middleware::from_fn_with_state(state.auth, guard))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .service(routes);
+    Router::new().fallback_service(stack)
 }
 
 /// Route label for metrics, and whether the route is open to anyone.
