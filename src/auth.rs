@@ -1,44 +1,65 @@
 //! Authentication of a request from its two headers, in the order SPEC §2 fixes:
 //! form → derivation (CPU only) → cache → database. A forged pair never reaches the cache or
 //! the database; only positive answers are cached, for at most the TTL; a revocation seen
-//! by this instance (its own, or reported by the store's change watcher) drops the entry.
-//! Each of the two headers must be sent exactly once.
+//! by this instance (its own, or reported by the store's change feed) drops the entry.
+//! It knows nothing of HTTP: it takes the two presented values and returns an [`AuthOutcome`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use moka::future::Cache;
+use prometheus::IntCounter;
 use tokio::sync::broadcast;
 
 use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
 use crate::store::{AbortOnDrop, Change, CredentialStore, KeyState, StoreError};
-use crate::telemetry::{AuthResult, Metrics};
+use crate::telemetry::Metrics;
 
-/// Header carrying the api_key. (A `HeaderName`, not a `&str`: looking it up then needs no
-/// parsing on every request.)
-pub static KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
-/// Header carrying the api_secret.
-pub static SECRET_HEADER: HeaderName = HeaderName::from_static("x-api-secret");
-
-/// The authenticated caller, put into request extensions by [`require_credential`].
+/// How an authentication ended: one enum for the metric, the log and the caller's answer.
+/// The rejections are told apart only in metrics; a caller sees one 401 for all of them.
 #[derive(Debug, Clone)]
-pub struct Caller(pub ApiKey);
+pub enum AuthOutcome {
+    /// A registered, active credential.
+    Authenticated(ApiKey),
+    /// A header missing, repeated or malformed.
+    RejectedForm,
+    /// The secret is not the derivation of the key.
+    RejectedDerivation,
+    /// Well-formed pair, key never registered.
+    RejectedUnknown,
+    /// Well-formed pair, key revoked.
+    RejectedRevoked,
+    /// The database failed: neither accepted nor rejected.
+    Failed(StoreError),
+}
 
-/// Why a request was not authenticated.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AuthError {
-    /// Any credential problem. Deliberately one variant: callers learn nothing about which
-    /// part was wrong.
-    #[error("missing or invalid credentials")]
-    Rejected,
-    /// The database failed; the request is neither accepted nor rejected.
-    #[error(transparent)]
-    Store(#[from] StoreError),
+impl AuthOutcome {
+    /// The `result` label of every outcome, in [`AuthOutcome::index`] order.
+    pub const LABELS: [&'static str; 6] = [
+        "ok",
+        "rejected_form",
+        "rejected_derivation",
+        "rejected_unknown",
+        "rejected_revoked",
+        "error",
+    ];
+
+    fn index(&self) -> usize {
+        match self {
+            Self::Authenticated(_) => 0,
+            Self::RejectedForm => 1,
+            Self::RejectedDerivation => 2,
+            Self::RejectedUnknown => 3,
+            Self::RejectedRevoked => 4,
+            Self::Failed(_) => 5,
+        }
+    }
+
+    /// The metric label of this outcome.
+    pub fn label(&self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
 }
 
 /// Cache settings.
@@ -67,6 +88,8 @@ struct Inner {
     /// what it read before the revocation committed.
     epoch: AtomicU64,
     metrics: Metrics,
+    /// One counter per outcome, resolved once: the auth path does no label lookup.
+    outcomes: [IntCounter; 6],
     /// Drains the store's change feed into the cache; stopped with the authenticator.
     _follower: Option<AbortOnDrop>,
 }
@@ -86,12 +109,14 @@ impl Authenticator {
                 .build_with_hasher(foldhash::fast::RandomState::default())
         });
         let changes = store.subscribe();
+        let outcomes = AuthOutcome::LABELS.map(|label| metrics.auth_counter(label));
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| Inner {
             deriver,
             store,
             cache,
             epoch: AtomicU64::new(0),
             metrics,
+            outcomes,
             // Outside a runtime (a synchronous benchmark, say) there is no feed to follow.
             _follower: tokio::runtime::Handle::try_current()
                 .ok()
@@ -100,32 +125,26 @@ impl Authenticator {
         Self { inner }
     }
 
-    /// Authenticates the pair in `headers`.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<ApiKey, AuthError> {
-        let result = self.check(headers).await;
-        self.inner.metrics.auth(match &result {
-            Ok(_) => AuthResult::Ok,
-            Err(Failure::Form) => AuthResult::RejectedForm,
-            Err(Failure::Derivation) => AuthResult::RejectedDerivation,
-            Err(Failure::Unknown) => AuthResult::RejectedUnknown,
-            Err(Failure::Revoked) => AuthResult::RejectedRevoked,
-            Err(Failure::Store(_)) => AuthResult::Error,
-        });
-        result.map_err(|f| match f {
-            Failure::Store(e) => AuthError::Store(e),
-            _ => AuthError::Rejected,
-        })
+    /// Authenticates a presented pair: the values of the key and secret headers, `None` when
+    /// a header is missing or unusable (repeated, not text).
+    pub async fn authenticate(&self, key: Option<&str>, secret: Option<&str>) -> AuthOutcome {
+        let outcome = match self.check(key, secret).await {
+            Ok(key) => AuthOutcome::Authenticated(key),
+            Err(outcome) => outcome,
+        };
+        self.inner.outcomes[outcome.index()].inc();
+        outcome
     }
 
-    async fn check(&self, headers: &HeaderMap) -> Result<ApiKey, Failure> {
-        let key = single_header(headers, &KEY_HEADER)
+    async fn check(&self, key: Option<&str>, secret: Option<&str>) -> Result<ApiKey, AuthOutcome> {
+        let key = key
             .and_then(|v| ApiKey::parse(v).ok())
-            .ok_or(Failure::Form)?;
-        let secret = single_header(headers, &SECRET_HEADER)
+            .ok_or(AuthOutcome::RejectedForm)?;
+        let secret = secret
             .and_then(|v| ApiSecret::parse(v).ok())
-            .ok_or(Failure::Form)?;
+            .ok_or(AuthOutcome::RejectedForm)?;
         if !self.inner.deriver.verify(&key, &secret) {
-            return Err(Failure::Derivation);
+            return Err(AuthOutcome::RejectedDerivation);
         }
         let Some(cache) = &self.inner.cache else {
             self.inner.metrics.cache_miss();
@@ -150,15 +169,13 @@ impl Authenticator {
         Ok(key)
     }
 
-    async fn load(&self, key: &ApiKey) -> Result<(), Failure> {
+    async fn load(&self, key: &ApiKey) -> Result<(), AuthOutcome> {
         match self.inner.store.state(key).await {
             Ok(KeyState::Active) => Ok(()),
-            Ok(KeyState::Revoked) => Err(Failure::Revoked),
-            Ok(KeyState::Unknown) => Err(Failure::Unknown),
-            Err(e) => {
-                tracing::error!(error = %e, api_key = %key, "credential lookup failed");
-                Err(Failure::Store(e))
-            }
+            Ok(KeyState::Revoked) => Err(AuthOutcome::RejectedRevoked),
+            Ok(KeyState::Unknown) => Err(AuthOutcome::RejectedUnknown),
+            // Logged where the 500 is answered, with its cause.
+            Err(e) => Err(AuthOutcome::Failed(e)),
         }
     }
 
@@ -208,68 +225,5 @@ async fn follow(inner: Weak<Inner>, mut changes: broadcast::Receiver<Change>) {
         if let Some(inner) = inner.upgrade() {
             inner.apply(change).await;
         }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Failure {
-    Form,
-    Derivation,
-    Unknown,
-    Revoked,
-    Store(StoreError),
-}
-
-/// The value of a header sent exactly once. A repeated header is refused even when its copies
-/// agree: proxies differ on which copy they read, and one that reads the last would act for
-/// another key than the one authenticated here.
-fn single_header<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    let mut values = headers.get_all(name).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    value.to_str().ok()
-}
-
-/// Middleware that admits only authenticated requests and puts the [`Caller`] into request
-/// extensions. Mount it with `axum::middleware::from_fn_with_state(authenticator, …)` on the
-/// routes to protect.
-pub async fn require_credential(
-    State(auth): State<Authenticator>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    match auth.authenticate(req.headers()).await {
-        Ok(key) => {
-            req.extensions_mut().insert(Caller(key));
-            next.run(req).await
-        }
-        Err(e) => crate::http::ApiError::from(e).into_response(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::http::HeaderValue;
-
-    #[test]
-    fn a_header_counts_only_when_sent_exactly_once() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
-        headers.append(&KEY_HEADER, HeaderValue::from_static("ak_a"));
-        assert_eq!(single_header(&headers, &KEY_HEADER), Some("ak_a"));
-        headers.append(&KEY_HEADER, HeaderValue::from_static("ak_a"));
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
-        let mut headers = HeaderMap::new();
-        headers.append(&SECRET_HEADER, HeaderValue::from_static("sk_a"));
-        headers.append(&SECRET_HEADER, HeaderValue::from_static(""));
-        assert_eq!(single_header(&headers, &SECRET_HEADER), None);
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
-        // Not visible ASCII: refused, never lossily converted.
-        let mut headers = HeaderMap::new();
-        headers.append(&KEY_HEADER, HeaderValue::from_bytes(b"ak_\xff").unwrap());
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
     }
 }

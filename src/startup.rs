@@ -49,7 +49,7 @@ impl Application {
         store
             .check_writable()
             .await
-            .map_err(|e| anyhow::anyhow!("the database does not accept writes: {}", e.message()))?;
+            .map_err(|e| anyhow::anyhow!("the database does not accept writes: {}", e.report()))?;
         let auth = Authenticator::new(
             SecretDeriver::new(&master),
             store.clone(),

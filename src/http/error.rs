@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use crate::auth::AuthError;
 use crate::store::StoreError;
 
 /// Every error the API answers with.
@@ -45,6 +44,9 @@ pub enum ApiError {
     /// 500: something failed on our side; the cause is logged, not shown.
     #[error("internal error")]
     Internal,
+    /// 500: the database failed. The cause is logged once, when the answer is made.
+    #[error("internal error")]
+    Store(StoreError),
     /// 503: the database does not answer.
     #[error("database unavailable")]
     NotReady,
@@ -63,7 +65,7 @@ impl ApiError {
             Self::DuplicateApiKey => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Internal | Self::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -81,7 +83,7 @@ impl ApiError {
             Self::DuplicateApiKey => "DUPLICATE_API_KEY",
             Self::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Self::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
-            Self::Internal => "INTERNAL_ERROR",
+            Self::Internal | Self::Store(_) => "INTERNAL_ERROR",
             Self::NotReady => "NOT_READY",
         }
     }
@@ -94,23 +96,16 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        tracing::error!(error = %e, "request failed on the database");
-        Self::Internal
-    }
-}
-
-impl From<AuthError> for ApiError {
-    fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::Rejected => Self::Unauthorized,
-            // Logged where it happened, with the key.
-            AuthError::Store(_) => Self::Internal,
-        }
+        Self::Store(e)
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // The one place a database failure is logged: where it becomes a 500.
+        if let Self::Store(e) = &self {
+            tracing::error!(error = %e.report(), "request failed on the database");
+        }
         let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
         (self.status(), Json(body)).into_response()
     }

@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value, json};
 
+use super::Caller;
 use super::{ApiError, AppState};
-use crate::auth::Caller;
 use crate::credential::{ApiKey, ApiSecret};
 use crate::store::{ListQuery, Registration, Revocation};
 
@@ -27,7 +27,7 @@ pub(super) async fn ready(State(state): State<AppState>) -> Result<Json<Value>, 
     match state.store.ping().await {
         Ok(()) => Ok(Json(json!({ "status": "ready" }))),
         Err(e) => {
-            tracing::warn!(error = %e, "not ready");
+            tracing::warn!(error = %e.report(), "not ready");
             Err(ApiError::NotReady)
         }
     }

@@ -1,30 +1,33 @@
-//! The HTTP API (SPEC §2): the router, the middleware stack, and the handlers.
+//! The HTTP API (SPEC §2): the route table, the middleware stack, and the handlers.
 //!
 //! Every request passes, outermost first: metrics and request logging → panic catcher →
-//! per-request timeout → the authentication guard (skipped for the public routes) → routing
-//! → the route. The guard runs before routing, so unknown routes and wrong methods answer an
-//! anonymous caller with the same 401 as everything else, without an `Allow` header.
+//! per-request timeout → the authentication guard → routing → the route. The guard runs
+//! before routing, so unknown routes and wrong methods answer an anonymous caller with the
+//! same 401 as everything else, without an `Allow` header. Which routes are open is decided
+//! where each route is declared, in [`table`]; every other request needs a credential.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::auth::{self, Authenticator};
+use crate::auth::Authenticator;
 use crate::store::CredentialStore;
 use crate::telemetry::Metrics;
-use std::sync::Arc;
 
 mod error;
+mod guard;
 mod handlers;
 
 pub use error::ApiError;
+pub use guard::{Caller, KEY_HEADER, SECRET_HEADER};
 
 /// Largest accepted request body (SPEC §2).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -40,25 +43,34 @@ pub struct AppState {
     pub metrics: Metrics,
 }
 
-/// Builds the whole API: routes, error fallbacks and middleware.
-pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let routes = Router::new()
-        .route("/health", get(handlers::health))
-        .route("/ready", get(handlers::ready))
-        .route("/metrics", get(handlers::metrics))
-        .route("/credentials", get(handlers::list).post(handlers::register))
-        .route(
+/// Every route, declared once, with who may call it.
+fn table() -> Routes {
+    Routes::default()
+        .public("/health", get(handlers::health))
+        .public("/ready", get(handlers::ready))
+        .public("/metrics", get(handlers::metrics))
+        .open(Method::POST, "/credentials", post(handlers::register))
+        .protected("/credentials", get(handlers::list))
+        .protected(
             "/credentials/{api_key}",
             get(handlers::get_one).delete(handlers::revoke),
         )
-        .route("/auth/verify", get(handlers::verify))
+        .protected("/auth/verify", get(handlers::verify))
+}
+
+/// Builds the whole API: the route table, error fallbacks and middleware.
+pub fn router(state: AppState, request_timeout: Duration) -> Router {
+    let Routes { router, access } = table();
+    let routes = router
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // Only matched routes get a label; everything else is `unmatched` in metrics.
+        .route_layer(middleware::from_fn(label))
         .with_state(state.clone());
     // The middleware wraps the routes from outside rather than through `Router::layer`, which
     // would put it inside each route's method router: that router adds `Allow` to whatever
-    // its method-not-allowed fallback answers — the guard's 401 included — and so told an
-    // anonymous caller which routes exist and their methods.
+    // its method-not-allowed fallback answers — the guard's 401 included — and so would tell
+    // an anonymous caller which routes exist and their methods.
     let stack = ServiceBuilder::new()
         .layer(middleware::from_fn_with_state(
             state.metrics.clone(),
@@ -69,35 +81,59 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
             ApiError::Internal.into_response()
         }))
         .layer(middleware::from_fn_with_state(request_timeout, timeout))
-        .layer(middleware::from_fn_with_state(state.auth, guard))
+        .layer(middleware::from_fn_with_state(
+            guard::Guard::new(state.auth, access),
+            guard::require_credential,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .service(routes);
     Router::new().fallback_service(stack)
 }
 
-/// Route label for metrics, and whether the route is open to anyone.
-fn classify(method: &Method, path: &str) -> (&'static str, bool) {
-    match path {
-        // Entirely public paths: even a wrong method is answered (405) without credentials.
-        "/health" => ("/health", true),
-        "/ready" => ("/ready", true),
-        "/metrics" => ("/metrics", true),
-        "/credentials" => ("/credentials", method == Method::POST),
-        "/auth/verify" => ("/auth/verify", false),
-        _ => match path.strip_prefix("/credentials/") {
-            Some(rest) if !rest.is_empty() && !rest.contains('/') => {
-                ("/credentials/{api_key}", false)
-            }
-            _ => ("unmatched", false),
-        },
+/// The route table as it is declared: the routes, and which of them are open.
+#[derive(Default)]
+struct Routes {
+    router: Router<AppState>,
+    access: Access,
+}
+
+/// Which requests need no credential; every other one does (unknown routes included).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Access {
+    /// Paths open to anyone, whatever the method: a wrong method is 405 to anyone.
+    public: Vec<&'static str>,
+    /// Single methods on a path open to anyone; the path's other methods need a credential.
+    open: Vec<(Method, &'static str)>,
+}
+
+impl Access {
+    /// Whether `method path` may be served without a credential.
+    pub(crate) fn is_open(&self, method: &Method, path: &str) -> bool {
+        self.public.contains(&path) || self.open.iter().any(|(m, p)| m == method && *p == path)
     }
 }
 
-async fn guard(State(auth): State<Authenticator>, req: Request, next: Next) -> Response {
-    if classify(req.method(), req.uri().path()).1 {
-        return next.run(req).await;
+impl Routes {
+    /// A route anyone may call, with any method (wrong methods get 405 without credentials).
+    fn public(mut self, path: &'static str, route: MethodRouter<AppState>) -> Self {
+        self.access.public.push(path);
+        self.router = self.router.route(path, route);
+        self
     }
-    auth::require_credential(State(auth), req, next).await
+
+    /// One method anyone may call on a path whose other methods need a credential.
+    fn open(mut self, method: Method, path: &'static str, route: MethodRouter<AppState>) -> Self {
+        self.access.open.push((method, path));
+        self.router = self.router.route(path, route);
+        self
+    }
+
+    /// A route that needs a valid credential: its handler finds the [`Caller`] in request
+    /// extensions.
+    fn protected(mut self, path: &'static str, route: MethodRouter<AppState>) -> Self {
+        self.router = self.router.route(path, route);
+        self
+    }
 }
 
 async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
@@ -107,18 +143,28 @@ async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Res
     }
 }
 
+/// Carries the matched route's path template out to [`observe`], which runs before routing.
+#[derive(Clone)]
+struct RouteLabel(MatchedPath);
+
+async fn label(matched: MatchedPath, req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(RouteLabel(matched));
+    response
+}
+
 async fn observe(State(metrics): State<Metrics>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
-    let (route, _) = classify(&method, req.uri().path());
     let response = next.run(req).await;
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map_or("unmatched", |RouteLabel(m)| m.as_str());
     let status = response.status();
     metrics.observe_request(route, status.as_u16(), started);
     // Paths carry only public keys; headers (which carry secrets) are never logged.
     tracing::debug!(%method, route, status = status.as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
-    if status == StatusCode::INTERNAL_SERVER_ERROR {
-        tracing::warn!(%method, route, "request answered 500");
-    }
     response
 }
 
@@ -126,30 +172,25 @@ async fn observe(State(metrics): State<Metrics>, req: Request, next: Next) -> Re
 mod tests {
     use super::*;
 
+    /// The requests open without a credential, exactly: a route declared `public` or `open`
+    /// by mistake fails here. Everything else is protected by default, unknown paths too.
     #[test]
-    fn classification() {
-        assert_eq!(classify(&Method::GET, "/health"), ("/health", true));
-        assert_eq!(classify(&Method::DELETE, "/metrics"), ("/metrics", true));
-        assert_eq!(
-            classify(&Method::POST, "/credentials"),
-            ("/credentials", true)
-        );
-        assert_eq!(
-            classify(&Method::GET, "/credentials"),
-            ("/credentials", false)
-        );
-        assert_eq!(
-            classify(&Method::DELETE, "/credentials/ak_x"),
-            ("/credentials/{api_key}", false)
-        );
-        assert_eq!(
-            classify(&Method::GET, "/credentials/"),
-            ("unmatched", false)
-        );
-        assert_eq!(
-            classify(&Method::GET, "/credentials/a/b"),
-            ("unmatched", false)
-        );
-        assert_eq!(classify(&Method::GET, "/health/"), ("unmatched", false));
+    fn only_the_declared_routes_are_open() {
+        let Routes { access, .. } = table();
+        assert_eq!(access.public, ["/health", "/ready", "/metrics"]);
+        assert_eq!(access.open, [(Method::POST, "/credentials")]);
+        assert!(access.is_open(&Method::DELETE, "/health"));
+        assert!(access.is_open(&Method::POST, "/credentials"));
+        for (method, path) in [
+            (Method::GET, "/credentials"),
+            (Method::PUT, "/credentials"),
+            (Method::GET, "/credentials/ak_x"),
+            (Method::DELETE, "/credentials/ak_x"),
+            (Method::GET, "/auth/verify"),
+            (Method::GET, "/health/"),
+            (Method::GET, "/anything"),
+        ] {
+            assert!(!access.is_open(&method, path), "{method} {path}");
+        }
     }
 }

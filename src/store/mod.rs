@@ -141,34 +141,51 @@ pub struct ListQuery {
     pub limit: u32,
 }
 
-/// A database failure. The message goes to logs, never to a caller.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("database error: {message}")]
+/// A database failure: what failed, and the database driver's error that caused it (kept,
+/// not flattened, so the edge that answers 500 can log the whole chain once). Neither goes
+/// to a caller.
+#[derive(Debug, Clone)]
 pub struct StoreError {
-    message: Arc<str>,
+    context: Arc<str>,
+    cause: Option<Arc<sqlx::Error>>,
     /// The database refused this one statement (a constraint or an operator's trigger);
     /// the database itself is fine and other writes may go on.
     statement: bool,
 }
 
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.context)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
 impl StoreError {
-    /// A failure of the database or the connection to it.
-    pub fn new(message: impl Into<Arc<str>>) -> Self {
+    /// A failure of the database, the file or the connection to it, described by `context`.
+    pub fn new(context: impl Into<Arc<str>>) -> Self {
         Self {
-            message: message.into(),
+            context: context.into(),
+            cause: None,
             statement: false,
         }
-    }
-
-    /// What went wrong, for logs.
-    pub fn message(&self) -> &str {
-        &self.message
     }
 
     /// Whether only the statement was refused (a constraint or trigger), not the database
     /// as a whole failing (I/O error, full disk, read-only file, lost connection).
     pub fn is_statement_error(&self) -> bool {
         self.statement
+    }
+
+    /// The whole chain, `context: cause: …`, for logs.
+    pub fn report(&self) -> crate::telemetry::Report<'_> {
+        crate::telemetry::Report(self)
     }
 }
 
@@ -187,7 +204,8 @@ impl From<sqlx::Error> for StoreError {
             _ => false,
         };
         Self {
-            message: e.to_string().into(),
+            context: "database error".into(),
+            cause: Some(Arc::new(e)),
             statement,
         }
     }

@@ -6,8 +6,8 @@
 //! listener can cost cache hits, never a revocation.
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,8 +37,10 @@ pub struct PgStore {
     /// instance would not hear revocations made elsewhere.
     listening: Arc<AtomicBool>,
     changes: broadcast::Sender<Change>,
-    /// The LISTEN task, stopped with the store.
-    _listener: AbortOnDrop,
+    connect: PgConnectOptions,
+    /// The LISTEN task, started by the first subscriber (a command-line tool has none) and
+    /// stopped with the store.
+    listener: OnceLock<AbortOnDrop>,
 }
 
 fn connect_options(url: &str, settings: &StoreSettings) -> Result<PgConnectOptions, anyhow::Error> {
@@ -82,18 +84,13 @@ impl PgStore {
         metrics.set_listener_connected(false);
         let listening = Arc::new(AtomicBool::new(false));
         let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
-        let listener = Listener {
-            connect,
-            metrics: metrics.clone(),
-            listening: listening.clone(),
-            feed: changes.clone(),
-        };
         Ok(Self {
             pool,
             metrics,
             listening,
             changes,
-            _listener: AbortOnDrop(tokio::spawn(listener.run())),
+            connect,
+            listener: OnceLock::new(),
         })
     }
 
@@ -241,7 +238,19 @@ impl CredentialStore for PgStore {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
+        let changes = self.changes.subscribe();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.listener.get_or_init(|| {
+                let listener = Listener {
+                    connect: self.connect.clone(),
+                    metrics: self.metrics.clone(),
+                    listening: self.listening.clone(),
+                    feed: self.changes.clone(),
+                };
+                AbortOnDrop(runtime.spawn(listener.run()))
+            });
+        }
+        changes
     }
 
     async fn close(&self) {

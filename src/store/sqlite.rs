@@ -7,7 +7,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -91,8 +91,13 @@ pub struct SqliteStore {
     /// Tells the writer to finish.
     closing: Arc<Notify>,
     changes: broadcast::Sender<Change>,
-    /// The change watcher, stopped with the store.
-    _watcher: AbortOnDrop,
+    /// The change watcher, started by the first subscriber (a command-line tool that only
+    /// reads or writes has none) and stopped with the store.
+    watcher: OnceLock<AbortOnDrop>,
+    /// The change log's last entry when the store opened: the watcher reports everything
+    /// after it, so no change between opening and its first poll is missed.
+    opened_at_seq: i64,
+    change_poll_interval: Duration,
     /// For connections made after opening: never creates the file.
     connect: SqliteConnectOptions,
     metrics: Metrics,
@@ -158,14 +163,6 @@ impl SqliteStore {
         let closing = Arc::new(Notify::new());
         let writer = tokio::spawn(writer.run(rx, options.max_batch, closing.clone()));
         let (changes, _) = broadcast::channel(CHANGE_FEED_CAPACITY);
-        // The watcher reports everything after the change log's last entry at open, so no
-        // change between opening and its first poll is missed.
-        let watcher = AbortOnDrop(tokio::spawn(watch_changes(
-            reopen.clone(),
-            opened_at_seq,
-            options.change_poll_interval,
-            changes.clone(),
-        )));
         Ok(Self {
             reads,
             writes: tx,
@@ -174,7 +171,9 @@ impl SqliteStore {
             writer: std::sync::Mutex::new(Some(writer)),
             closing,
             changes,
-            _watcher: watcher,
+            watcher: OnceLock::new(),
+            opened_at_seq,
+            change_poll_interval: options.change_poll_interval,
             connect: reopen,
             metrics,
         })
@@ -414,7 +413,7 @@ impl Writer {
                 // One write refused by the database (an operator's trigger, say) must not
                 // fail its neighbours: retry each on its own.
                 self.conn = None;
-                tracing::warn!(error = %e, size = batch.len(), "write batch refused; retrying one by one");
+                tracing::warn!(error = %e.report(), size = batch.len(), "write batch refused; retrying one by one");
                 let ops = std::mem::take(batch);
                 for op in ops {
                     let mut one = vec![op];
@@ -423,11 +422,11 @@ impl Writer {
             }
             Err(e) if e.is_statement_error() => {
                 self.conn = None;
-                tracing::warn!(error = %e, "write refused by the database");
+                tracing::warn!(error = %e.report(), "write refused by the database");
                 answer(batch.drain(..), std::iter::once(Err(e)));
             }
             Err(e) => {
-                self.fail(e.message());
+                self.fail(&e.report().to_string());
                 let n = batch.len();
                 answer(batch.drain(..), (0..n).map(|_| Err(e.clone())));
             }
@@ -579,11 +578,23 @@ impl CredentialStore for SqliteStore {
         let _ = conn.close().await;
         result
             .map(|_| ())
-            .map_err(|e| StoreError::new(format!("{}: {}", self.file.path.display(), e.message())))
+            .map_err(|e| StoreError::new(format!("{}: {}", self.file.path.display(), e.report())))
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
+        let changes = self.changes.subscribe();
+        // Outside a runtime (a synchronous benchmark) there is nothing to run it on.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.watcher.get_or_init(|| {
+                AbortOnDrop(runtime.spawn(watch_changes(
+                    self.connect.clone(),
+                    self.opened_at_seq,
+                    self.change_poll_interval,
+                    self.changes.clone(),
+                )))
+            });
+        }
+        changes
     }
 
     async fn close(&self) {
@@ -624,7 +635,7 @@ async fn watch_changes(
                 // Entries still expire with the TTL; the log keeps what we missed for
                 // later. Logged once per outage, not ten times a second.
                 if !failing {
-                    tracing::warn!(error = %e, "SQLite change watcher cannot read the change log");
+                    tracing::warn!(error = %e.report(), "SQLite change watcher cannot read the change log");
                     failing = true;
                 }
                 watcher.conn = None;
