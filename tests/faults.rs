@@ -126,6 +126,14 @@ fn key_file(dir: &Path) -> PathBuf {
     path
 }
 
+/// A fresh directory with the test master key and a data dir path: (dir, key file, data dir).
+fn deployment() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = key_file(dir.path());
+    let data = dir.path().join("data");
+    (dir, key, data)
+}
+
 fn serve(data: &Path, key: &Path) -> ServerProcess {
     ServerProcess::start(&[
         "--data-dir",
@@ -230,9 +238,7 @@ async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover
         eprintln!("skipped: chattr +i needs root");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let data = dir.path().join("data");
+    let (_dir, key, data) = deployment();
     let client = reqwest::Client::new();
     let mut server = serve(&data, &key);
     let mut ledger = Ledger::default();
@@ -291,9 +297,7 @@ async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover
 
 #[tokio::test]
 async fn a_database_file_deleted_under_the_server_gets_no_acknowledged_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let data = dir.path().join("data");
+    let (_dir, key, data) = deployment();
     let client = reqwest::Client::new();
     let server = serve(&data, &key);
     let mut ledger = Ledger::default();
@@ -326,9 +330,7 @@ async fn a_database_file_deleted_under_the_server_gets_no_acknowledged_write() {
 
 #[tokio::test]
 async fn a_database_file_replaced_under_the_server_gets_no_acknowledged_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let data = dir.path().join("data");
+    let (_dir, key, data) = deployment();
     let client = reqwest::Client::new();
     let server = serve(&data, &key);
     let mut ledger = Ledger::default();
@@ -380,9 +382,7 @@ async fn an_unwritable_database_stops_serve_at_start() {
         eprintln!("skipped: chattr +i needs root");
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(dir.path());
-    let data = dir.path().join("data");
+    let (_dir, key, data) = deployment();
     let out = binary()
         .args(["migrate", "--data-dir"])
         .arg(&data)
