@@ -474,3 +474,29 @@ async fn the_sqlite_change_log_forgets_changes_older_than_a_day() {
     assert_eq!(left, pair.key);
     assert_eq!(app.verify(&pair).await, StatusCode::UNAUTHORIZED);
 }
+
+// ---- Transient failures (PostgreSQL) ---------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_serialization_failures_are_run_again_not_answered_500() {
+    let app = common::spawn_app(Backend::Postgres).await;
+    // Every other write attempt is aborted with serialization_failure (a sequence is not
+    // rolled back with the aborted transaction, so the retry sees the next number).
+    app.sql(
+        "CREATE SEQUENCE flaky; \
+         CREATE FUNCTION flaky() RETURNS trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF nextval('flaky') % 2 = 1 THEN \
+           RAISE EXCEPTION 'could not serialize access' USING ERRCODE = '40001'; \
+         END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER flaky BEFORE INSERT OR UPDATE ON api_credential \
+         FOR EACH ROW EXECUTE FUNCTION flaky()",
+    )
+    .await;
+    let pair = common::mint();
+    assert_eq!(app.register(&pair).await.status(), StatusCode::CREATED);
+    let other = common::mint();
+    assert_eq!(app.register(&other).await.status(), StatusCode::CREATED);
+    assert_eq!(app.revoke(&other.key, &pair).await.status(), StatusCode::OK);
+    assert_eq!(app.verify(&other).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(app.verify(&pair).await, StatusCode::NO_CONTENT);
+}
