@@ -753,3 +753,51 @@ async fn max_connections_queues_newcomers_and_closes_idle_connections_first() {
         ));
     }
 }
+
+/// Once an idle server has stopped serving there is nothing left to wait for: SIGTERM to exit
+/// takes milliseconds. One second is a correctness bound, far above what a loaded machine
+/// needs, not a benchmark.
+#[tokio::test]
+async fn an_idle_server_exits_promptly_after_sigterm() {
+    for postgres in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut args = vec!["--data-dir".to_owned(), data.to_str().unwrap().to_owned()];
+        if postgres {
+            args.push("--database-url".to_owned());
+            args.push(common::pg::server().fresh_database().await);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut server = ServerProcess::start(&args);
+        // Warm every part that could linger: the database pools and writer, the cache, and a
+        // keep-alive connection.
+        let client = reqwest::Client::new();
+        let ready = eventually(Duration::from_secs(10), || async {
+            client
+                .get(server.url("/ready"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        })
+        .await;
+        assert!(ready, "{}", server.logs());
+        let pair = issue(&data, 1).remove(0);
+        assert_eq!(register(&client, &server, &pair).await, StatusCode::CREATED);
+        assert_eq!(
+            verify(&client, &server, &pair).await,
+            StatusCode::NO_CONTENT
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let started = Instant::now();
+        let status = server.signal_and_wait(libc::SIGTERM);
+        let elapsed = started.elapsed();
+        assert!(status.success(), "{status:?}\n{}", server.logs());
+        assert!(server.logs().contains("stopped"));
+        assert!(
+            elapsed < Duration::from_secs(1),
+            "postgres={postgres}: SIGTERM to exit took {elapsed:?}\n{}",
+            server.logs()
+        );
+    }
+}
