@@ -801,3 +801,40 @@ async fn an_idle_server_exits_promptly_after_sigterm() {
         );
     }
 }
+
+/// Requests the HTTP layer (hyper) cannot parse never reach the service, so they get hyper's
+/// own bare answer — status only, empty body, connection closed — not the JSON error body.
+/// hyper 1 offers no hook to change that; the README says so, and this pins what it says.
+#[tokio::test]
+async fn unparseable_requests_get_bare_answers_from_the_http_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&["--data-dir", dir.path().to_str().unwrap()]);
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(70_000));
+    let many_headers = format!(
+        "GET /health HTTP/1.1\r\n{}\r\n",
+        (0..200)
+            .map(|i| format!("X-H{i}: a\r\n"))
+            .collect::<String>()
+    );
+    for (request, status) in [
+        ("GE(T /health HTTP/1.1\r\nHost: x\r\n\r\n".to_owned(), 400),
+        (
+            "GET /health HTTP/1.1\r\nBad Header: x\r\n\r\n".to_owned(),
+            400,
+        ),
+        (long_uri, 414),
+        (many_headers, 431),
+    ] {
+        let mut conn = RawConnection::open(server.addr).await;
+        conn.send(request.as_bytes()).await.unwrap();
+        let patience = Duration::from_secs(5);
+        assert_eq!(
+            conn.response_within(patience).await,
+            Some(RawOutcome::Answered(status, String::new()))
+        );
+        assert_eq!(
+            conn.response_within(patience).await,
+            Some(RawOutcome::Closed)
+        );
+    }
+}
