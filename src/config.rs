@@ -50,7 +50,7 @@ pub struct Config {
     /// Database pool size and timeouts.
     pub store: StoreSettings,
     /// Most HTTP connections open at once; `None` derives it from the open-file limit and the
-    /// database (see [`Config::max_connections`]).
+    /// database (see [`Config::max_connections()`]).
     pub max_connections: Option<u32>,
 }
 

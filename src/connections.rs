@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,8 @@ struct Shared {
     /// Open connections by id; ids grow, so iteration is oldest first.
     open: Mutex<BTreeMap<u64, Arc<Slot>>>,
     next_id: AtomicU64,
+    /// Open connections asked to close and not closed yet.
+    closing: AtomicUsize,
     /// When "limit reached" was last logged.
     limit_logged: Mutex<Option<Instant>>,
     metrics: Metrics,
@@ -144,10 +146,12 @@ impl Slot {
                 || now.saturating_duration_since(self.opened) >= NEWCOMER_GRACE)
     }
 
-    fn ask_to_close(&self) {
-        self.closing.store(true, Ordering::Relaxed);
+    /// Returns whether this call is the one that asked.
+    fn ask_to_close(&self) -> bool {
+        let first = !self.closing.swap(true, Ordering::Relaxed);
         // Stores a wake-up if the connection task is not waiting yet: none is lost.
         self.close.notify_one();
+        first
     }
 }
 
@@ -175,6 +179,7 @@ impl Connections {
             permits: Arc::new(Semaphore::new(limit as usize)),
             open: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
+            closing: AtomicUsize::new(0),
             limit_logged: Mutex::new(None),
             metrics,
         }))
@@ -263,18 +268,14 @@ impl Connections {
         let batch = (self.0.limit as usize / 10).max(1);
         let now = Instant::now();
         let open = self.open();
-        let closing = open
-            .values()
-            .filter(|s| s.closing.load(Ordering::Relaxed))
-            .count();
-        let wanted = batch.saturating_sub(closing);
+        let wanted = batch.saturating_sub(self.0.closing.load(Ordering::Relaxed));
         let mut asked = 0;
         for slot in open.values() {
             if asked == wanted {
                 break;
             }
-            if slot.idle(now) {
-                slot.ask_to_close();
+            if slot.idle(now) && slot.ask_to_close() {
+                self.0.closing.fetch_add(1, Ordering::Relaxed);
                 asked += 1;
             }
         }
@@ -286,7 +287,9 @@ impl Connections {
     /// Asks every open connection to close once its request in progress, if any, is answered.
     pub fn close_all(&self) {
         for slot in self.open().values() {
-            slot.ask_to_close();
+            if slot.ask_to_close() {
+                self.0.closing.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -316,11 +319,13 @@ impl Admitted {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        self.shared
-            .open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        let mut open = self.shared.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(&self.id);
+        // Under the lock, so `close_idle` never sees the count and the map disagree.
+        if self.slot.closing.load(Ordering::Relaxed) {
+            self.shared.closing.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(open);
         self.shared.metrics.connection_closed();
     }
 }
