@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::connections;
 use crate::credential::{MasterKey, MasterKeyFormatError};
 use crate::store::{DatabaseTarget, StoreSettings};
 
@@ -48,6 +49,9 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Database pool size and timeouts.
     pub store: StoreSettings,
+    /// Most HTTP connections open at once; `None` derives it from the open-file limit and the
+    /// database (see [`Config::max_connections()`]).
+    pub max_connections: Option<u32>,
 }
 
 impl Config {
@@ -64,7 +68,20 @@ impl Config {
             header_read_timeout: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
             store: StoreSettings::default(),
+            max_connections: None,
         }
+    }
+
+    /// The connection limit: the one configured, else the soft `RLIMIT_NOFILE` minus the
+    /// descriptors the database and the rest of the process need (see
+    /// [`connections::derived_max_connections`]).
+    pub fn max_connections(&self) -> u32 {
+        self.max_connections.unwrap_or_else(|| {
+            connections::derived_max_connections(
+                connections::open_file_limit(),
+                connections::database_descriptors(&self.database_target(), &self.store),
+            )
+        })
     }
 
     /// The database this configuration names.

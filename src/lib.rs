@@ -6,6 +6,8 @@
 //!
 //! - [`startup`] builds the [`Application`] from a [`Config`]: master key, store, cache,
 //!   router, and runs it with graceful shutdown.
+//! - [`connections`] caps open connections, closes idle ones to make room, and backs off
+//!   when `accept` fails.
 //! - [`http`] holds the router, the middleware stack and the handlers, with one error type.
 //! - [`auth`] authenticates a request: form → derivation → cache → database.
 //! - [`credential`] parses keys and secrets and does the derivation.
@@ -17,6 +19,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod credential;
 pub mod http;
 pub mod startup;

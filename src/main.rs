@@ -1,8 +1,12 @@
 //! The `credgate` binary: parses the command line and runs one subcommand.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser as _;
+
+/// Longest the exit waits for work left in the async runtime once the command has finished.
+const RUNTIME_SHUTDOWN_LIMIT: Duration = Duration::from_millis(200);
 
 fn main() -> ExitCode {
     let cli = credgate::cli::Cli::parse();
@@ -16,7 +20,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match runtime.block_on(cli.run()) {
+    let result = runtime.block_on(cli.run());
+    // Dropping the runtime would wait, without limit, for blocking-pool work still running (a
+    // DNS lookup for a database reconnection, say); the command is done, so bound that wait.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_LIMIT);
+    match result {
         Ok(code) => code,
         Err(e) => {
             // One line: the whole cause chain, joined.

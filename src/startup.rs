@@ -8,13 +8,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tower::ServiceExt;
 
 use crate::auth::{Authenticator, CacheSettings};
 use crate::config::{self, Config, KeySource};
+use crate::connections::{self, AcceptFailures, Admitted, Connections};
 use crate::credential::SecretDeriver;
 use crate::http::{self, AppState};
 use crate::store::{self, DatabaseTarget};
@@ -27,6 +31,7 @@ pub struct Application {
     state: AppState,
     header_read_timeout: Duration,
     shutdown_timeout: Duration,
+    connections: Connections,
 }
 
 impl Application {
@@ -67,6 +72,8 @@ impl Application {
             store: store.clone(),
             metrics,
         };
+        let max_connections = config.max_connections();
+        let database_descriptors = connections::database_descriptors(&target, &config.store);
         // Logged only now, so a failed start-up prints nothing but its one error line.
         match &source {
             KeySource::DataDir(path, true) => {
@@ -74,7 +81,9 @@ impl Application {
             }
             source => tracing::info!(?source, "master key loaded"),
         }
+        warn_if_descriptors_fall_short(max_connections, database_descriptors);
         Ok(Self {
+            connections: Connections::new(max_connections, state.metrics.clone()),
             router: http::router(state.clone(), config.request_timeout),
             state,
             listener,
@@ -101,41 +110,61 @@ impl Application {
             router,
             header_read_timeout,
             shutdown_timeout,
+            connections,
             state,
         } = self;
-        let mut http = hyper::server::conn::http1::Builder::new();
+        let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(header_read_timeout);
-        let graceful = GracefulShutdown::new();
-        tracing::info!(addr = %listener.local_addr()?, "credgate listening on {}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, max_connections = connections.limit(), "credgate listening on {addr}");
+        let mut failures = AcceptFailures::new(state.metrics.clone());
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    let stream = match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(e) => {
-                            // Typically out of file descriptors: back off instead of spinning.
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = stream.set_nodelay(true);
-                    let service = TowerToHyperService::new(router.clone());
-                    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
-                    });
+            // Room first, then accept: beyond the limit newcomers wait in the kernel's backlog
+            // rather than being accepted only to be dropped.
+            let reservation = tokio::select! {
+                reservation = connections.reserve(&listener) => reservation,
+                () = &mut shutdown => break,
+            };
+            let quiet = failures.quiet_deadline();
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = tokio::time::sleep_until(quiet.map_or_else(tokio::time::Instant::now, Into::into)),
+                    if quiet.is_some() => {
+                    failures.end_episode();
+                    continue;
                 }
                 () = &mut shutdown => break,
-            }
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => {
+                    failures.succeeded();
+                    stream
+                }
+                Err(e) if connections::is_per_connection(&e) => {
+                    tracing::debug!(error = %e, "a connection failed before it was accepted");
+                    continue;
+                }
+                Err(e) => {
+                    drop(reservation);
+                    // tokio reports the listener still readable after a failed accept, so
+                    // retrying at once would spin. Out of descriptors, idle connections are
+                    // the ones to give back.
+                    let pause = failures.failed(&e, connections.open_count());
+                    connections.close_idle();
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => continue,
+                        () = &mut shutdown => break,
+                    }
+                }
+            };
+            spawn_connection(&http, &router, connections.admit(reservation), stream);
         }
         drop(listener);
         tracing::info!("shutting down: finishing in-flight requests");
-        if tokio::time::timeout(shutdown_timeout, graceful.shutdown())
+        connections.close_all();
+        if tokio::time::timeout(shutdown_timeout, connections.all_closed())
             .await
             .is_err()
         {
@@ -146,6 +175,63 @@ impl Application {
         drop(state);
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Serves one connection on its own task. The connection's slot stays taken until its socket
+/// is closed; asked to close (idle shedding or shutdown), it finishes the request in progress,
+/// if any, and then closes.
+fn spawn_connection(http: &http1::Builder, router: &Router, admitted: Admitted, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let busy = admitted.busy();
+    // Busy from the moment hyper hands over a request until the handler has produced the
+    // response; hyper finishes writing a response even after a graceful shutdown request.
+    let service = ServiceExt::<Request<Incoming>>::map_future(router.clone(), move |response| {
+        let busy = busy();
+        async move {
+            let response = response.await;
+            drop(busy);
+            response
+        }
+    });
+    let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+    tokio::spawn(async move {
+        let close_requested = admitted.close_requested();
+        let result = async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = close_requested => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        .await;
+        drop(admitted);
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// Warns when the connection limit plus what the database and the process need exceeds the
+/// open-file limit: under load `accept` would then fail for lack of descriptors (handled, but
+/// clients wait).
+fn warn_if_descriptors_fall_short(max_connections: u32, database_descriptors: u64) {
+    let Some(open_files) = connections::open_file_limit() else {
+        return;
+    };
+    let needed =
+        u64::from(max_connections) + database_descriptors + connections::BASE_RESERVED_DESCRIPTORS;
+    if needed > open_files {
+        tracing::warn!(
+            open_file_limit = open_files,
+            max_connections,
+            needed,
+            "the open-file limit is below what the connection limit and the database may need; \
+             accept may run out of descriptors under load (raise `ulimit -n` or lower --max-connections)"
+        );
     }
 }
 

@@ -76,6 +76,10 @@ struct Inner {
     db_seconds: HistogramVec,
     listener_connected: IntGauge,
     listener_reconnects: IntCounter,
+    connections_open: IntGauge,
+    connections_max: IntGauge,
+    connections_closed_idle: IntCounter,
+    accept_errors: IntCounter,
 }
 
 /// Database operations timed in `credgate_db_query_duration_seconds`.
@@ -141,6 +145,22 @@ fn build() -> Result<Inner, prometheus::Error> {
         "credgate_invalidation_listener_reconnects_total",
         "Times the invalidation listener lost its connection (each clears the cache)",
     )?;
+    let connections_open = IntGauge::new(
+        "credgate_http_connections_open",
+        "HTTP connections open now",
+    )?;
+    let connections_max = IntGauge::new(
+        "credgate_http_connections_max",
+        "Most HTTP connections open at once (--max-connections); beyond it new ones wait in the backlog",
+    )?;
+    let connections_closed_idle = IntCounter::new(
+        "credgate_http_connections_closed_idle_total",
+        "Idle keep-alive connections closed to make room for new ones",
+    )?;
+    let accept_errors = IntCounter::new(
+        "credgate_http_accept_errors_total",
+        "Failed accepts that were not about one connection (e.g. out of file descriptors)",
+    )?;
     // Present from the start, so "zero database queries" is visible as 0.
     for op in DB_OPS {
         db_seconds.with_label_values(&[op]);
@@ -156,6 +176,10 @@ fn build() -> Result<Inner, prometheus::Error> {
     registry.register(Box::new(db_seconds.clone()))?;
     registry.register(Box::new(listener_connected.clone()))?;
     registry.register(Box::new(listener_reconnects.clone()))?;
+    registry.register(Box::new(connections_open.clone()))?;
+    registry.register(Box::new(connections_max.clone()))?;
+    registry.register(Box::new(connections_closed_idle.clone()))?;
+    registry.register(Box::new(accept_errors.clone()))?;
     Ok(Inner {
         registry,
         requests,
@@ -169,6 +193,10 @@ fn build() -> Result<Inner, prometheus::Error> {
         db_seconds,
         listener_connected,
         listener_reconnects,
+        connections_open,
+        connections_max,
+        connections_closed_idle,
+        accept_errors,
     })
 }
 
@@ -242,6 +270,31 @@ impl Metrics {
         self.0.listener_reconnects.inc();
     }
 
+    /// Counts an accepted connection.
+    pub fn connection_opened(&self) {
+        self.0.connections_open.inc();
+    }
+
+    /// Counts a closed connection.
+    pub fn connection_closed(&self) {
+        self.0.connections_open.dec();
+    }
+
+    /// Sets the connection limit gauge.
+    pub fn set_connection_limit(&self, limit: u32) {
+        self.0.connections_max.set(i64::from(limit));
+    }
+
+    /// Counts idle connections asked to close to make room.
+    pub fn closed_idle(&self, n: u64) {
+        self.0.connections_closed_idle.inc_by(n);
+    }
+
+    /// Counts a failed accept.
+    pub fn accept_error(&self) {
+        self.0.accept_errors.inc();
+    }
+
     /// The Prometheus text exposition of every series.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -284,6 +337,10 @@ mod tests {
             "credgate_registrations_total 0",
             "credgate_revocations_total 0",
             "credgate_db_query_duration_seconds_count{op=\"state\"} 1",
+            "credgate_http_connections_open 0",
+            "credgate_http_connections_max 0",
+            "credgate_http_connections_closed_idle_total 0",
+            "credgate_http_accept_errors_total 0",
         ] {
             assert!(text.contains(series), "missing {series} in\n{text}");
         }

@@ -465,16 +465,22 @@ pub fn binary() -> Command {
 impl ServerProcess {
     /// Starts `credgate serve --listen 127.0.0.1:0 <args>` and waits until it listens.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = binary()
+        Self::start_with(args, |_| {})
+    }
+
+    /// Like `start`, with a last say on the command (environment, resource limits).
+    pub fn start_with(args: &[&str], customize: impl FnOnce(&mut Command)) -> Self {
+        let mut command = binary();
+        command
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
             .env_remove("CREDGATE_MASTER_KEY_FILE")
             .env_remove("DATABASE_URL")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn credgate");
+            .stderr(Stdio::piped());
+        customize(&mut command);
+        let mut child = command.spawn().expect("spawn credgate");
         let stderr = child.stderr.take().expect("stderr");
         let logs = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -580,6 +586,106 @@ impl ServerProcess {
             assert!(Instant::now() < deadline, "server did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Makes `command`'s process start with at most `limit` open file descriptors (soft and
+/// hard `RLIMIT_NOFILE`), as `ulimit -n` would.
+pub fn limit_open_files(command: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits; the
+    // closure allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let rlim = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// A bare HTTP/1.1 keep-alive connection, for tests that need to control exactly what is on
+/// the wire and when (reqwest pools and retries behind our back).
+pub struct RawConnection {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+}
+
+/// What became of a request sent on a [`RawConnection`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawOutcome {
+    /// A response: its status and body.
+    Answered(u16, String),
+    /// The server closed the connection (or reset it) without answering.
+    Closed,
+}
+
+impl RawConnection {
+    /// Connects (the kernel completes the handshake even while the server is not accepting).
+    pub async fn open(addr: SocketAddr) -> Self {
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        Self {
+            stream: tokio::io::BufReader::new(stream),
+        }
+    }
+
+    /// Writes raw bytes.
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.get_mut().write_all(bytes).await
+    }
+
+    /// Sends `GET path` (keep-alive).
+    pub async fn get(&mut self, path: &str) -> std::io::Result<()> {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: credgate\r\n\r\n").as_bytes())
+            .await
+    }
+
+    /// Reads one response (its body by `Content-Length`), or notes that the server closed.
+    pub async fn response(&mut self) -> RawOutcome {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        let mut status_line = String::new();
+        match self.stream.read_line(&mut status_line).await {
+            Ok(0) | Err(_) => return RawOutcome::Closed,
+            Ok(_) => {}
+        }
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP status line: {status_line:?}"));
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            match self.stream.read_line(&mut line).await {
+                Ok(0) | Err(_) => return RawOutcome::Closed,
+                Ok(_) => {}
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse().expect("content-length");
+            }
+        }
+        let mut body = vec![0u8; length];
+        if self.stream.read_exact(&mut body).await.is_err() {
+            return RawOutcome::Closed;
+        }
+        RawOutcome::Answered(status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// `response` bounded by `within`; `None` when nothing came in time.
+    pub async fn response_within(&mut self, within: Duration) -> Option<RawOutcome> {
+        tokio::time::timeout(within, self.response()).await.ok()
     }
 }
 
