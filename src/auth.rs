@@ -90,9 +90,17 @@ struct Inner {
     metrics: Metrics,
     /// One counter per outcome, resolved once: the auth path does no label lookup.
     outcomes: [IntCounter; 6],
+    /// Keys this instance revoked and already dropped, whose echo from the change feed is
+    /// still to come: the echo is skipped rather than invalidating twice (see
+    /// [`Authenticator::forget_revoked`] for why that is safe).
+    forgotten: std::sync::Mutex<std::collections::HashSet<ApiKey>>,
     /// Drains the store's change feed into the cache; stopped with the authenticator.
     _follower: Option<AbortOnDrop>,
 }
+
+/// Most revoked-here keys remembered while their echo is awaited; beyond it the set is
+/// cleared (an echo then costs one more invalidation, nothing else).
+const MAX_FORGOTTEN: usize = 10_000;
 
 impl Authenticator {
     /// Builds an authenticator over a store.
@@ -117,6 +125,7 @@ impl Authenticator {
             epoch: AtomicU64::new(0),
             metrics,
             outcomes,
+            forgotten: std::sync::Mutex::default(),
             // Outside a runtime (a synchronous benchmark, say) there is no feed to follow.
             _follower: tokio::runtime::Handle::try_current()
                 .ok()
@@ -179,9 +188,19 @@ impl Authenticator {
         }
     }
 
-    /// Drops `key` from the cache at once (after this instance revoked it).
-    pub async fn forget(&self, key: &ApiKey) {
+    /// Drops `key` from the cache at once, after this instance revoked it. Only for
+    /// revocations: the change feed's echo of this change is then skipped, which is safe
+    /// because a revoked key can never be cached again (a lookup racing the revocation is
+    /// kept out by the epoch guard), so no later event about it can matter.
+    pub async fn forget_revoked(&self, key: &ApiKey) {
         self.inner.apply(Change::Key(key.as_str().to_owned())).await;
+        if self.inner.cache.is_some() {
+            let mut forgotten = self.inner.forgotten();
+            if forgotten.len() >= MAX_FORGOTTEN {
+                forgotten.clear();
+            }
+            forgotten.insert(key.clone());
+        }
     }
 
     /// The number of cached credentials (approximate, for metrics).
@@ -196,6 +215,27 @@ impl Authenticator {
 }
 
 impl Inner {
+    fn forgotten(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<ApiKey>> {
+        // A plain set: a panic elsewhere cannot leave it half-updated.
+        self.forgotten.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a change from the feed, unless it is the echo of a revocation made here.
+    async fn follow(&self, change: Change) {
+        let echo = match &change {
+            Change::Key(key) => ApiKey::parse(key)
+                .map(|key| self.forgotten().remove(&key))
+                .unwrap_or(false),
+            Change::All => {
+                self.forgotten().clear();
+                false
+            }
+        };
+        if !echo {
+            self.apply(change).await;
+        }
+    }
+
     /// Forgets what `change` names, and makes lookups in flight not cache what they read.
     async fn apply(&self, change: Change) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
@@ -223,7 +263,7 @@ async fn follow(inner: Weak<Inner>, mut changes: broadcast::Receiver<Change>) {
         };
         // None only while the authenticator is still being built, with an empty cache.
         if let Some(inner) = inner.upgrade() {
-            inner.apply(change).await;
+            inner.follow(change).await;
         }
     }
 }

@@ -232,7 +232,7 @@ pub(super) async fn revoke(
     let key = path_key(path)?;
     match state.store.revoke(&key, Some(&caller.0)).await? {
         Revocation::Revoked => {
-            state.auth.forget(&key).await;
+            state.auth.forget_revoked(&key).await;
             state.metrics.revoked();
             tracing::info!(api_key = %key, "credential revoked");
             Ok(Json(json!({ "api_key": key.as_str(), "revoked": true })))
