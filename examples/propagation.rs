@@ -7,7 +7,7 @@
 //!
 //! `cargo run --release --example propagation -- [N]` (default N = 200).
 
-#[path = "../tests/common/pg.rs"]
+#[path = "../tests/helpers/pg.rs"]
 mod pg;
 
 use std::time::{Duration, Instant};

@@ -267,3 +267,171 @@ async fn follow(inner: Weak<Inner>, mut changes: broadcast::Receiver<Change>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The epoch guard in `check`, against a store double whose lookups the test holds and
+    //! releases: the one race the integration tests cannot time.
+
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+    use tokio::task::JoinHandle;
+
+    use super::*;
+    use crate::credential::MasterKey;
+    use crate::store::{CredentialRecord, ListQuery, Registration, Revocation};
+
+    /// A store with one answer for every key. It counts lookups, and holds the first one
+    /// between reading its answer and returning it until the test releases it: a lookup that
+    /// read the database just before a revocation committed and answers just after.
+    struct HeldStore {
+        state: Mutex<KeyState>,
+        lookups: AtomicUsize,
+        /// Signalled once the first lookup has read its answer.
+        read: Notify,
+        /// Lets the first lookup return its answer.
+        release: Notify,
+        changes: broadcast::Sender<Change>,
+    }
+
+    #[async_trait]
+    impl CredentialStore for HeldStore {
+        async fn state(&self, _key: &ApiKey) -> Result<KeyState, StoreError> {
+            let answer = *self.state.lock().expect("state");
+            if self.lookups.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.read.notify_one();
+                self.release.notified().await;
+            }
+            Ok(answer)
+        }
+
+        fn subscribe(&self) -> broadcast::Receiver<Change> {
+            self.changes.subscribe()
+        }
+
+        async fn close(&self) {}
+
+        // The authenticator only looks keys up.
+        async fn register(&self, _key: &ApiKey) -> Result<Registration, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn revoke(
+            &self,
+            _key: &ApiKey,
+            _by: Option<&ApiKey>,
+        ) -> Result<Revocation, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn get(&self, _key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn list(&self, _query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn ping(&self) -> Result<(), StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn check_writable(&self) -> Result<(), StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+    }
+
+    /// An authentication of an active key whose lookup has read "active" and not yet
+    /// answered, while the key is revoked in the store.
+    struct Race {
+        store: Arc<HeldStore>,
+        auth: Authenticator,
+        key: ApiKey,
+        secret: String,
+        first: JoinHandle<AuthOutcome>,
+    }
+
+    impl Race {
+        async fn start() -> Self {
+            let store = Arc::new(HeldStore {
+                state: Mutex::new(KeyState::Active),
+                lookups: AtomicUsize::new(0),
+                read: Notify::new(),
+                release: Notify::new(),
+                changes: broadcast::channel(16).0,
+            });
+            let deriver = SecretDeriver::new(&MasterKey::from_bytes([7; 32]));
+            let key = ApiKey::generate();
+            let secret = deriver.secret_for(&key).expose();
+            let cache = CacheSettings {
+                ttl: Duration::from_secs(300),
+                capacity: 100,
+            };
+            let metrics = Metrics::new().expect("metrics");
+            let auth = Authenticator::new(deriver, store.clone(), cache, metrics);
+            let first = tokio::spawn({
+                let (auth, key, secret) = (auth.clone(), key.clone(), secret.clone());
+                async move { auth.authenticate(Some(key.as_str()), Some(&secret)).await }
+            });
+            store.read.notified().await;
+            *store.state.lock().expect("state") = KeyState::Revoked;
+            Self {
+                store,
+                auth,
+                key,
+                secret,
+                first,
+            }
+        }
+
+        /// Lets the held lookup answer "active", then authenticates again: the revocation was
+        /// seen while the lookup was in flight, so its answer must not have been cached and
+        /// this authentication must look the key up afresh, and be refused.
+        async fn finish(self) {
+            self.store.release.notify_one();
+            let first = self.first.await.expect("first authentication");
+            // It read the database before the revocation: accepting it is right.
+            assert!(matches!(first, AuthOutcome::Authenticated(_)), "{first:?}");
+            let next = self
+                .auth
+                .authenticate(Some(self.key.as_str()), Some(&self.secret))
+                .await;
+            assert_eq!(
+                self.store.lookups.load(Ordering::SeqCst),
+                2,
+                "the answer read before the revocation was served from the cache"
+            );
+            assert!(matches!(next, AuthOutcome::RejectedRevoked), "{next:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lookup_racing_forget_does_not_cache_its_answer() {
+        let race = Race::start().await;
+        race.auth.forget(&race.key).await;
+        race.finish().await;
+    }
+
+    #[tokio::test]
+    async fn a_lookup_racing_a_change_on_the_feed_does_not_cache_its_answer() {
+        let race = Race::start().await;
+        let epoch = || race.auth.inner.epoch.load(Ordering::Acquire);
+        let before = epoch();
+        race.store
+            .changes
+            .send(Change::Key(race.key.as_str().to_owned()))
+            .expect("a subscriber");
+        // The authenticator's follower task applies the change.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while epoch() == before {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the change was not applied");
+        race.finish().await;
+    }
+}

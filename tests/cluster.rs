@@ -2,18 +2,34 @@
 //! instance's API or by SQL — reaches every instance's cache, also across lost listener
 //! connections and a PostgreSQL restart.
 
-#[macro_use]
-mod common;
+/// The shared helpers this binary uses. It calls only part of `app`, `client` and
+/// `credentials`, hence the allowances; the `api` binary includes every helper module without
+/// them, so a helper that no test uses is still reported there.
+#[path = "helpers"]
+mod helpers {
+    #[allow(dead_code)]
+    pub mod app;
+    #[allow(dead_code)]
+    pub mod client;
+    #[allow(dead_code)]
+    pub mod credentials;
+    pub mod pg;
+    pub mod wait;
+}
 
 use std::time::Duration;
 
-use common::{Pair, TestApp, eventually, pg, spawn_config};
 use credgate::store::DatabaseTarget;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
+
+use helpers::app::{TestApp, spawn_config, test_config};
+use helpers::credentials::Pair;
+use helpers::pg;
+use helpers::wait::eventually;
 
 async fn instance(url: &str) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = common::test_config(dir.path());
+    let mut config = test_config(dir.path());
     config.database = Some(DatabaseTarget::Postgres(url.to_owned()));
     config.store.timeout = Duration::from_secs(2);
     spawn_config(config, dir).await
@@ -46,7 +62,7 @@ async fn refused_everywhere(apps: &[TestApp], pair: &Pair) -> bool {
 async fn all_listening(apps: &[TestApp]) -> bool {
     for app in apps {
         let up = eventually(Duration::from_secs(15), || async {
-            app.send(Method::GET, "/ready", None).await.status() == StatusCode::OK
+            app.ready().await == StatusCode::OK
         })
         .await;
         if !up {
@@ -155,10 +171,7 @@ async fn three_instances_share_revocations() {
             "cached auth while PostgreSQL is down"
         );
         assert_eq!(app.verify(&p6).await, StatusCode::INTERNAL_SERVER_ERROR);
-        assert_eq!(
-            app.send(Method::GET, "/ready", None).await.status(),
-            StatusCode::SERVICE_UNAVAILABLE
-        );
+        assert_eq!(app.ready().await, StatusCode::SERVICE_UNAVAILABLE);
     }
     tokio::task::spawn_blocking(|| pg::server().launch())
         .await

@@ -7,7 +7,22 @@
 //! message saying so. The PostgreSQL test stops this test binary's own server, so no other
 //! PostgreSQL test belongs in this file.
 
-mod common;
+/// The shared helpers this binary uses. It calls only part of `app`, `client`, `credentials`
+/// and `server_process`, hence the allowances; the `api` binary includes every helper module
+/// without them, so a helper that no test uses is still reported there.
+#[path = "helpers"]
+mod helpers {
+    #[allow(dead_code)]
+    pub mod app;
+    #[allow(dead_code)]
+    pub mod client;
+    #[allow(dead_code)]
+    pub mod credentials;
+    pub mod pg;
+    #[allow(dead_code)]
+    pub mod server_process;
+    pub mod wait;
+}
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,9 +30,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Backend, MASTER_HEX, Pair, ServerProcess, binary, eventually, mint};
 use reqwest::StatusCode;
 use sqlx::Connection;
+
+use helpers::app::{Backend, TestDb, spawn_app_with};
+use helpers::credentials::{MASTER_HEX, Pair, mint};
+use helpers::pg;
+use helpers::server_process::{ServerProcess, binary};
+use helpers::wait::eventually;
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -88,9 +108,9 @@ struct Ledger {
 
 impl Ledger {
     /// Registers a fresh pair; records it when the answer is 201.
-    async fn register(&mut self, client: &reqwest::Client, server: &ServerProcess) -> StatusCode {
+    async fn register(&mut self, server: &ServerProcess) -> StatusCode {
         let pair = mint();
-        let status = server.register(client, &pair).await;
+        let status = server.register(&pair).await.status();
         if status.is_success() {
             assert_eq!(status, StatusCode::CREATED);
             self.registered.push(pair);
@@ -100,10 +120,10 @@ impl Ledger {
 
     /// Checks every acknowledged write against a (restarted) server: registered keys exist
     /// (409 on a second registration) and work unless revoked; revoked keys are refused.
-    async fn check(&self, client: &reqwest::Client, server: &ServerProcess) {
+    async fn check(&self, server: &ServerProcess) {
         for pair in &self.registered {
             assert_eq!(
-                server.register(client, pair).await,
+                server.register(pair).await.status(),
                 StatusCode::CONFLICT,
                 "an acknowledged registration was lost: {}",
                 pair.key
@@ -114,7 +134,7 @@ impl Ledger {
             } else {
                 StatusCode::NO_CONTENT
             };
-            assert_eq!(server.verify(client, pair).await, expected, "{}", pair.key);
+            assert_eq!(server.verify(pair).await, expected, "{}", pair.key);
         }
     }
 }
@@ -144,22 +164,32 @@ fn serve(data: &Path, key: &Path) -> ServerProcess {
     ])
 }
 
-async fn becomes_ready(
-    client: &reqwest::Client,
-    server: &ServerProcess,
-    status: StatusCode,
-) -> bool {
+async fn becomes_ready(server: &ServerProcess, status: StatusCode) -> bool {
     eventually(Duration::from_secs(10), || async {
-        server.ready(client).await == status
+        server.ready().await == status
     })
     .await
 }
 
-fn count_lines(logs: &str, needle: &str) -> usize {
-    logs.lines().filter(|l| l.contains(needle)).count()
+/// How many events `server` logged whose message starts with `message`.
+fn count_events(server: &ServerProcess, message: &str) -> usize {
+    server
+        .messages()
+        .iter()
+        .filter(|m| m.starts_with(message))
+        .count()
 }
 
-/// The one line the service logs when writes start failing.
+/// Whether `server` logged an event whose `error` field mentions `word`.
+fn logged_error(server: &ServerProcess, word: &str) -> bool {
+    server.events().iter().any(|e| {
+        e["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains(word))
+    })
+}
+
+/// The message of the one event the service logs when writes start failing.
 const WRITES_FAILING: &str = "SQLite writes are failing";
 
 #[tokio::test]
@@ -175,10 +205,9 @@ async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space()
     };
     let key = key_file(dir.path());
     let data = disk.0.join("data");
-    let client = reqwest::Client::new();
     let mut server = serve(&data, &key);
     let mut ledger = Ledger::default();
-    assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+    assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
 
     // Fill the disk, then leave a little room so some writes still fit.
     let filler = disk.0.join("filler");
@@ -192,43 +221,44 @@ async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space()
     }
     let mut failed = 0;
     for _ in 0..5000 {
-        if ledger.register(&client, &server).await == StatusCode::INTERNAL_SERVER_ERROR {
+        if ledger.register(&server).await == StatusCode::INTERNAL_SERVER_ERROR {
             failed += 1;
             break;
         }
     }
     assert_eq!(failed, 1, "the disk never filled up");
-    assert_eq!(server.ready(&client).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(server.ready().await, StatusCode::SERVICE_UNAVAILABLE);
     // Still full: whatever is answered 201 now must be true as well.
     for _ in 0..10 {
-        ledger.register(&client, &server).await;
+        ledger.register(&server).await;
     }
 
     std::fs::remove_file(&filler).unwrap();
     assert!(
-        becomes_ready(&client, &server, StatusCode::OK).await,
+        becomes_ready(&server, StatusCode::OK).await,
         "/ready did not recover once the disk had space"
     );
     for _ in 0..20 {
-        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+        assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
     }
     let admin = ledger.registered[0].clone();
     let target = ledger.registered[ledger.registered.len() - 1].clone();
     assert_eq!(
-        server.revoke(&client, &target.key, &admin).await,
+        server.revoke(&target.key, &admin).await.status(),
         StatusCode::OK
     );
     ledger.revoked.push(target.clone());
+    assert_eq!(server.verify(&target).await, StatusCode::UNAUTHORIZED);
     assert_eq!(
-        server.verify(&client, &target).await,
-        StatusCode::UNAUTHORIZED
+        count_events(&server, WRITES_FAILING),
+        1,
+        "{}",
+        server.logs()
     );
-    let logs = server.logs();
-    assert_eq!(count_lines(&logs, WRITES_FAILING), 1, "{logs}");
 
     assert!(!server.signal_and_wait(libc::SIGKILL).success());
     let server = serve(&data, &key);
-    ledger.check(&client, &server).await;
+    ledger.check(&server).await;
     drop(server);
     drop(disk);
 }
@@ -240,11 +270,10 @@ async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover
         return;
     }
     let (_dir, key, data) = deployment();
-    let client = reqwest::Client::new();
     let mut server = serve(&data, &key);
     let mut ledger = Ledger::default();
     for _ in 0..10 {
-        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+        assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
     }
     let db = data.join("credgate.db");
     let wal = data.join("credgate.db-wal");
@@ -254,13 +283,13 @@ async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover
     };
     let mut refused = 0;
     for _ in 0..10 {
-        let status = ledger.register(&client, &server).await;
+        let status = ledger.register(&server).await;
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             refused += 1;
         }
     }
     assert_eq!(refused, 10, "writes into immutable files were acknowledged");
-    assert_eq!(server.ready(&client).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(server.ready().await, StatusCode::SERVICE_UNAVAILABLE);
     // The writer holds no lock while it cannot write: the break-glass CLI is not blocked by
     // it (it fails on the immutable file itself, not on `database is locked`).
     let out = binary()
@@ -276,79 +305,85 @@ async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover
 
     drop(lock);
     assert!(
-        becomes_ready(&client, &server, StatusCode::OK).await,
+        becomes_ready(&server, StatusCode::OK).await,
         "/ready did not recover once the files were writable"
     );
     for _ in 0..20 {
-        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+        assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
     }
     let (admin, target) = (ledger.registered[0].clone(), ledger.registered[2].clone());
     assert_eq!(
-        server.revoke(&client, &target.key, &admin).await,
+        server.revoke(&target.key, &admin).await.status(),
         StatusCode::OK
     );
     ledger.revoked.push(target);
-    let logs = server.logs();
-    assert_eq!(count_lines(&logs, WRITES_FAILING), 1, "{logs}");
+    assert_eq!(
+        count_events(&server, WRITES_FAILING),
+        1,
+        "{}",
+        server.logs()
+    );
 
     assert!(!server.signal_and_wait(libc::SIGKILL).success());
     let server = serve(&data, &key);
-    ledger.check(&client, &server).await;
+    ledger.check(&server).await;
 }
 
 #[tokio::test]
 async fn a_database_file_deleted_under_the_server_gets_no_acknowledged_write() {
     let (_dir, key, data) = deployment();
-    let client = reqwest::Client::new();
     let server = serve(&data, &key);
     let mut ledger = Ledger::default();
     for _ in 0..5 {
-        assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+        assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
     }
     let admin = ledger.registered[0].clone();
     std::fs::remove_file(data.join("credgate.db")).unwrap();
     assert!(
-        becomes_ready(&client, &server, StatusCode::SERVICE_UNAVAILABLE).await,
+        becomes_ready(&server, StatusCode::SERVICE_UNAVAILABLE).await,
         "/ready stayed 200 with the database file deleted"
     );
     let before = ledger.registered.len();
     for _ in 0..10 {
-        let status = ledger.register(&client, &server).await;
+        let status = ledger.register(&server).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
     }
     let target = ledger.registered[1].clone();
     assert_eq!(
-        server.revoke(&client, &target.key, &admin).await,
+        server.revoke(&target.key, &admin).await.status(),
         StatusCode::INTERNAL_SERVER_ERROR
     );
     assert_eq!(ledger.registered.len(), before);
     // The file was not recreated behind the operator's back.
     assert!(!data.join("credgate.db").exists());
-    let logs = server.logs();
-    assert_eq!(count_lines(&logs, WRITES_FAILING), 1, "{logs}");
-    assert!(logs.contains("deleted"), "{logs}");
+    assert_eq!(
+        count_events(&server, WRITES_FAILING),
+        1,
+        "{}",
+        server.logs()
+    );
+    assert!(logged_error(&server, "deleted"), "{}", server.logs());
 }
 
 #[tokio::test]
 async fn a_database_file_replaced_under_the_server_gets_no_acknowledged_write() {
     let (_dir, key, data) = deployment();
-    let client = reqwest::Client::new();
     let server = serve(&data, &key);
     let mut ledger = Ledger::default();
-    assert_eq!(ledger.register(&client, &server).await, StatusCode::CREATED);
+    assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
     // A restore from a copy, done the usual way: copy, then rename over the original.
     let db = data.join("credgate.db");
     std::fs::copy(&db, data.join("copy.db")).unwrap();
     std::fs::rename(data.join("copy.db"), &db).unwrap();
     assert!(
-        becomes_ready(&client, &server, StatusCode::SERVICE_UNAVAILABLE).await,
+        becomes_ready(&server, StatusCode::SERVICE_UNAVAILABLE).await,
         "/ready stayed 200 with the database file replaced"
     );
     assert_eq!(
-        ledger.register(&client, &server).await,
+        ledger.register(&server).await,
         StatusCode::INTERNAL_SERVER_ERROR
     );
-    assert!(server.logs().contains("replaced"), "{}", server.logs());
+    assert!(logged_error(&server, "replaced"), "{}", server.logs());
 }
 
 /// `credgate serve` with these arguments fails at start: exit 2, one line on stderr.
@@ -408,19 +443,18 @@ async fn an_unwritable_database_stops_serve_at_start() {
         assert_start_fails(&data, &key, "credgate.db");
     }
     // Writable again: it starts.
-    let client = reqwest::Client::new();
     let server = serve(&data, &key);
-    assert_eq!(server.ready(&client).await, StatusCode::OK);
+    assert_eq!(server.ready().await, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarting_mid_burst_loses_no_acknowledged_write() {
     // This test binary's PostgreSQL server is its own: stopping it disturbs no other test.
-    let app = common::spawn_app_with(Backend::Postgres, |c| {
+    let app = spawn_app_with(Backend::Postgres, |c| {
         c.store.timeout = Duration::from_secs(2);
     })
     .await;
-    let common::TestDb::Postgres(url) = app.db.clone() else {
+    let TestDb::Postgres(url) = app.db.clone() else {
         unreachable!("a PostgreSQL app")
     };
     let app = Arc::new(app);
@@ -443,7 +477,7 @@ async fn postgres_restarting_mid_burst_loses_no_acknowledged_write() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let server = common::pg::server();
+    let server = pg::server();
     tokio::task::block_in_place(|| server.stop());
     tokio::time::sleep(Duration::from_millis(1000)).await;
     tokio::task::block_in_place(|| server.launch()).expect("restart postgres");
@@ -481,10 +515,5 @@ async fn postgres_restarting_mid_burst_loses_no_acknowledged_write() {
         keys.len(),
         "acknowledged registrations lost"
     );
-    assert_eq!(
-        app.send(reqwest::Method::GET, "/ready", None)
-            .await
-            .status(),
-        StatusCode::OK
-    );
+    assert_eq!(app.ready().await, StatusCode::OK);
 }

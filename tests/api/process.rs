@@ -1,19 +1,20 @@
 //! The real binary: durability across SIGKILL, graceful shutdown, what the logs hold,
 //! start-up failures, and every CLI subcommand.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{
-    MASTER_HEX, Pair, RawConnection, RawOutcome, ServerProcess, binary, eventually,
-    limit_open_files,
-};
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+
+use crate::helpers::client::metric_value;
+use crate::helpers::credentials::{MASTER_HEX, Pair, deriver, forged, mint};
+use crate::helpers::pg;
+use crate::helpers::raw_http::{RawConnection, RawOutcome};
+use crate::helpers::server_process::{ServerProcess, binary};
+use crate::helpers::wait::eventually;
 
 fn run(args: &[&str]) -> Output {
     binary()
@@ -55,43 +56,6 @@ fn issue(data_dir: &Path, count: usize) -> Vec<Pair> {
         .collect()
 }
 
-async fn register(client: &reqwest::Client, server: &ServerProcess, pair: &Pair) -> StatusCode {
-    client
-        .post(server.url("/credentials"))
-        .json(&json!({ "api_key": pair.key, "api_secret": pair.secret }))
-        .send()
-        .await
-        .unwrap()
-        .status()
-}
-
-async fn verify(client: &reqwest::Client, server: &ServerProcess, pair: &Pair) -> StatusCode {
-    client
-        .get(server.url("/auth/verify"))
-        .header("X-Api-Key", &pair.key)
-        .header("X-Api-Secret", &pair.secret)
-        .send()
-        .await
-        .unwrap()
-        .status()
-}
-
-async fn revoke(
-    client: &reqwest::Client,
-    server: &ServerProcess,
-    key: &str,
-    by: &Pair,
-) -> StatusCode {
-    client
-        .delete(server.url(&format!("/credentials/{key}")))
-        .header("X-Api-Key", &by.key)
-        .header("X-Api-Secret", &by.secret)
-        .send()
-        .await
-        .unwrap()
-        .status()
-}
-
 /// `credgate list --database-url URL <extra>`, parsed.
 fn list(url: &str, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["list", "--database-url", url];
@@ -106,7 +70,7 @@ fn list(url: &str, extra: &[&str]) -> Vec<Value> {
 
 /// Revokes `pair` with `credgate revoke` (another process, straight in the database) and
 /// waits until the running `server` refuses it.
-async fn revoke_with_cli(client: &reqwest::Client, server: &ServerProcess, url: &str, pair: &Pair) {
+async fn revoke_with_cli(server: &ServerProcess, url: &str, pair: &Pair) {
     let out = run(&["revoke", &pair.key, "--database-url", url]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
@@ -114,7 +78,7 @@ async fn revoke_with_cli(client: &reqwest::Client, server: &ServerProcess, url: 
         json!({"api_key": pair.key, "revoked": true})
     );
     let refused = eventually(Duration::from_secs(3), || async {
-        verify(client, server, pair).await == StatusCode::UNAUTHORIZED
+        server.verify(pair).await == StatusCode::UNAUTHORIZED
     })
     .await;
     assert!(
@@ -128,12 +92,15 @@ async fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_arg = data.to_str().unwrap();
-    let client = reqwest::Client::new();
     // A fresh serve and a fresh issue on one data dir agree on the generated master key.
     let mut server = ServerProcess::start(&["--data-dir", data_arg]);
     let pairs = issue(&data, 40);
-    let statuses =
-        futures_util::future::join_all(pairs.iter().map(|p| register(&client, &server, p))).await;
+    let statuses = futures_util::future::join_all(
+        pairs
+            .iter()
+            .map(|p| async { server.register(p).await.status() }),
+    )
+    .await;
     assert!(
         statuses.iter().all(|s| *s == StatusCode::CREATED),
         "{statuses:?}"
@@ -141,7 +108,7 @@ async fn acknowledged_writes_survive_sigkill() {
     let admin = &pairs[0];
     for pair in &pairs[30..] {
         assert_eq!(
-            revoke(&client, &server, &pair.key, admin).await,
+            server.revoke(&pair.key, admin).await.status(),
             StatusCode::OK
         );
     }
@@ -151,21 +118,21 @@ async fn acknowledged_writes_survive_sigkill() {
     let server = ServerProcess::start(&["--data-dir", data_arg]);
     for pair in &pairs[..30] {
         assert_eq!(
-            verify(&client, &server, pair).await,
+            server.verify(pair).await,
             StatusCode::NO_CONTENT,
             "{}",
             pair.key
         );
-        assert_eq!(register(&client, &server, pair).await, StatusCode::CONFLICT);
+        assert_eq!(server.register(pair).await.status(), StatusCode::CONFLICT);
     }
     for pair in &pairs[30..] {
         assert_eq!(
-            verify(&client, &server, pair).await,
+            server.verify(pair).await,
             StatusCode::UNAUTHORIZED,
             "{}",
             pair.key
         );
-        assert_eq!(register(&client, &server, pair).await, StatusCode::CONFLICT);
+        assert_eq!(server.register(pair).await.status(), StatusCode::CONFLICT);
     }
     let mode = std::fs::metadata(data.join("master.key"))
         .unwrap()
@@ -179,7 +146,7 @@ async fn sigterm_and_sigint_stop_the_server_cleanly() {
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let dir = tempfile::tempdir().unwrap();
         let mut server = ServerProcess::start(&["--data-dir", dir.path().to_str().unwrap()]);
-        let health = reqwest::get(server.url("/health")).await.unwrap();
+        let health = server.send(Method::GET, "/health", None).await;
         assert_eq!(health.status(), StatusCode::OK);
         let status = server.signal_and_wait(signal);
         assert!(
@@ -191,8 +158,13 @@ async fn sigterm_and_sigint_stop_the_server_cleanly() {
             reqwest::get(server.url("/health")).await.is_err(),
             "still accepting"
         );
-        assert!(server.logs().contains("stopped"));
+        assert!(logged(&server, "stopped"), "{}", server.logs());
     }
+}
+
+/// Whether `server` (logging JSON) logged an event with this message.
+fn logged(server: &ServerProcess, message: &str) -> bool {
+    server.messages().iter().any(|m| m == message)
 }
 
 #[tokio::test]
@@ -200,43 +172,33 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
     for format in ["text", "json"] {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let mut server = ServerProcess::start(&[
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--log-level",
-            "trace",
-            "--log-format",
-            format,
-        ]);
-        let client = reqwest::Client::new();
+        let args = ["--data-dir", data.to_str().unwrap(), "--log-level", "trace"];
+        let mut server = if format == "text" {
+            ServerProcess::start_with_text_logs(&args)
+        } else {
+            ServerProcess::start(&args)
+        };
         let pairs = issue(&data, 3);
         for pair in &pairs {
-            assert_eq!(register(&client, &server, pair).await, StatusCode::CREATED);
-            assert_eq!(verify(&client, &server, pair).await, StatusCode::NO_CONTENT);
+            assert_eq!(server.register(pair).await.status(), StatusCode::CREATED);
+            assert_eq!(server.verify(pair).await, StatusCode::NO_CONTENT);
         }
-        let forged = Pair {
+        let wrong = Pair {
             key: pairs[1].key.clone(),
-            secret: common::forged().secret,
+            secret: forged().secret,
         };
+        assert_eq!(server.verify(&wrong).await, StatusCode::UNAUTHORIZED);
         assert_eq!(
-            verify(&client, &server, &forged).await,
-            StatusCode::UNAUTHORIZED
-        );
-        assert_eq!(
-            register(&client, &server, &forged).await,
+            server.register(&wrong).await.status(),
             StatusCode::FORBIDDEN
         );
         assert_eq!(
-            revoke(&client, &server, &pairs[2].key, &pairs[0]).await,
+            server.revoke(&pairs[2].key, &pairs[0]).await.status(),
             StatusCode::OK
         );
-        let _ = client
-            .get(server.url("/credentials"))
-            .header("X-Api-Key", &pairs[0].key)
-            .header("X-Api-Secret", &pairs[0].secret)
-            .send()
-            .await
-            .unwrap();
+        let _ = server
+            .send(Method::GET, "/credentials", Some(&pairs[0]))
+            .await;
         assert!(server.signal_and_wait(libc::SIGTERM).success());
         let logs = server.logs();
         // The logs are really there, at the level asked for.
@@ -245,16 +207,15 @@ async fn no_secret_reaches_the_logs_even_at_trace_level() {
             logs.contains("DEBUG") || logs.contains("\"level\":\"DEBUG\""),
             "{logs}"
         );
-        for secret in pairs.iter().chain([&forged]).map(|p| &p.secret) {
+        for secret in pairs.iter().chain([&wrong]).map(|p| &p.secret) {
             assert!(!logs.contains(secret.as_str()), "secret in {format} logs");
             assert!(!logs.contains(&secret[3..]), "secret body in {format} logs");
         }
         let master = std::fs::read_to_string(data.join("master.key")).unwrap();
         assert!(!logs.contains(master.trim()));
         if format == "json" {
-            for line in logs.lines() {
-                serde_json::from_str::<Value>(line).unwrap_or_else(|_| panic!("not JSON: {line}"));
-            }
+            // Every line is one JSON event (`events` panics on any other line).
+            assert!(!server.events().is_empty());
         }
     }
 }
@@ -355,7 +316,7 @@ fn issue_and_verify_agree_and_catch_tampering() {
     let kf = key_file.to_str().unwrap();
     let out = run(&["issue", "--count", "3", "--master-key-file", kf]);
     assert!(out.status.success());
-    let deriver = common::deriver();
+    let deriver = deriver();
     for line in stdout(&out).lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let (k, s) = (
@@ -375,7 +336,7 @@ fn issue_and_verify_agree_and_catch_tampering() {
             kf,
         ]);
         assert_eq!(ok.status.code(), Some(0), "{}", stdout(&ok));
-        let other = common::forged().secret;
+        let other = forged().secret;
         let bad = run(&[
             "verify",
             "--api-key",
@@ -466,13 +427,12 @@ async fn migrate_list_and_revoke_work_on_the_database_directly() {
         "--data-dir",
         dir.path().join("data").to_str().unwrap(),
     ]);
-    let client = reqwest::Client::new();
-    let (a, b) = (common::mint(), common::mint());
-    assert_eq!(register(&client, &server, &a).await, StatusCode::CREATED);
-    assert_eq!(register(&client, &server, &b).await, StatusCode::CREATED);
-    assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
+    let (a, b) = (mint(), mint());
+    assert_eq!(server.register(&a).await.status(), StatusCode::CREATED);
+    assert_eq!(server.register(&b).await.status(), StatusCode::CREATED);
+    assert_eq!(server.verify(&b).await, StatusCode::NO_CONTENT);
 
-    revoke_with_cli(&client, &server, &url, &b).await;
+    revoke_with_cli(&server, &url, &b).await;
     let out = run(&["revoke", &b.key, "--database-url", &url]);
     assert_eq!(out.status.code(), Some(1));
 
@@ -496,7 +456,7 @@ async fn migrate_list_and_revoke_work_on_the_database_directly() {
 
 #[tokio::test]
 async fn serve_and_the_direct_commands_work_on_postgres() {
-    let url = common::pg::server().fresh_database().await;
+    let url = pg::server().fresh_database().await;
     let dir = tempfile::tempdir().unwrap();
     let out = run(&["migrate", "--database-url", &url]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -510,24 +470,18 @@ async fn serve_and_the_direct_commands_work_on_postgres() {
         "--data-dir",
         dir.path().join("data").to_str().unwrap(),
     ]);
-    let client = reqwest::Client::new();
     let ready = eventually(Duration::from_secs(10), || async {
-        client
-            .get(server.url("/ready"))
-            .send()
-            .await
-            .map(|r| r.status() == StatusCode::OK)
-            .unwrap_or(false)
+        server.ready().await == StatusCode::OK
     })
     .await;
     assert!(ready, "{}", server.logs());
-    let (a, b) = (common::mint(), common::mint());
-    assert_eq!(register(&client, &server, &a).await, StatusCode::CREATED);
-    assert_eq!(register(&client, &server, &b).await, StatusCode::CREATED);
-    assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
-    assert_eq!(verify(&client, &server, &b).await, StatusCode::NO_CONTENT);
+    let (a, b) = (mint(), mint());
+    assert_eq!(server.register(&a).await.status(), StatusCode::CREATED);
+    assert_eq!(server.register(&b).await.status(), StatusCode::CREATED);
+    assert_eq!(server.verify(&b).await, StatusCode::NO_CONTENT);
+    assert_eq!(server.verify(&b).await, StatusCode::NO_CONTENT);
 
-    revoke_with_cli(&client, &server, &url, &b).await;
+    revoke_with_cli(&server, &url, &b).await;
     assert_eq!(list(&url, &[]).len(), 2);
     let revoked = list(&url, &["--active", "false"]);
     assert_eq!(revoked.len(), 1);
@@ -606,19 +560,26 @@ async fn a_low_descriptor_limit_does_not_lock_out_new_clients() {
         );
 
         let logs = server.logs();
-        let failures = logs.matches("accept failed").count();
+        let messages = server.messages();
+        let failures = messages
+            .iter()
+            .filter(|m| m.starts_with("accept failed"))
+            .count();
         assert!(
             failures <= 2,
-            "{limit:?}: {failures} `accept failed` lines:\n{logs}"
+            "{limit:?}: {failures} `accept failed` events:\n{logs}"
         );
         assert!(
-            logs.lines().count() <= 12,
+            server.events().len() <= 12,
             "{limit:?}: a flood of log lines:\n{logs}"
         );
         if limit.is_some() {
             // The episode of failed accepts is closed with a summary once they stop.
             let summarised = eventually(Duration::from_secs(5), || async {
-                server.logs().contains("accepting connections again")
+                server
+                    .messages()
+                    .iter()
+                    .any(|m| m.starts_with("accepting connections again"))
             })
             .await;
             assert!(summarised, "{limit:?}: no summary:\n{}", server.logs());
@@ -648,7 +609,7 @@ async fn max_connections_queues_newcomers_and_closes_idle_connections_first() {
 
     /// A registration whose body is still on its way: the connection is mid-request.
     async fn start_registration(addr: std::net::SocketAddr) -> (RawConnection, String) {
-        let pair = common::mint();
+        let pair = mint();
         let body = json!({ "api_key": pair.key, "api_secret": pair.secret }).to_string();
         let (head, tail) = body.split_at(10);
         let mut conn = RawConnection::open(addr).await;
@@ -710,13 +671,10 @@ async fn max_connections_queues_newcomers_and_closes_idle_connections_first() {
     let Some(RawOutcome::Answered(200, metrics)) = idle[1].response_within(patience).await else {
         panic!("no metrics");
     };
-    assert_eq!(
-        common::metric_value(&metrics, "credgate_http_connections_max"),
-        4.0
-    );
-    let open = common::metric_value(&metrics, "credgate_http_connections_open");
+    assert_eq!(metric_value(&metrics, "credgate_http_connections_max"), 4.0);
+    let open = metric_value(&metrics, "credgate_http_connections_open");
     assert!((1.0..=4.0).contains(&open), "{open} connections open");
-    assert!(common::metric_value(&metrics, "credgate_http_connections_closed_idle_total") >= 1.0);
+    assert!(metric_value(&metrics, "credgate_http_connections_closed_idle_total") >= 1.0);
 
     // Every connection busy: a newcomer waits, neither answered nor refused...
     drop((busy, idle, fifth));
@@ -765,35 +723,27 @@ async fn an_idle_server_exits_promptly_after_sigterm() {
         let mut args = vec!["--data-dir".to_owned(), data.to_str().unwrap().to_owned()];
         if postgres {
             args.push("--database-url".to_owned());
-            args.push(common::pg::server().fresh_database().await);
+            args.push(pg::server().fresh_database().await);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut server = ServerProcess::start(&args);
         // Warm every part that could linger: the database pools and writer, the cache, and a
         // keep-alive connection.
-        let client = reqwest::Client::new();
         let ready = eventually(Duration::from_secs(10), || async {
-            client
-                .get(server.url("/ready"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK)
+            server.ready().await == StatusCode::OK
         })
         .await;
         assert!(ready, "{}", server.logs());
         let pair = issue(&data, 1).remove(0);
-        assert_eq!(register(&client, &server, &pair).await, StatusCode::CREATED);
-        assert_eq!(
-            verify(&client, &server, &pair).await,
-            StatusCode::NO_CONTENT
-        );
+        assert_eq!(server.register(&pair).await.status(), StatusCode::CREATED);
+        assert_eq!(server.verify(&pair).await, StatusCode::NO_CONTENT);
         tokio::time::sleep(Duration::from_millis(300)).await;
 
         let started = Instant::now();
         let status = server.signal_and_wait(libc::SIGTERM);
         let elapsed = started.elapsed();
         assert!(status.success(), "{status:?}\n{}", server.logs());
-        assert!(server.logs().contains("stopped"));
+        assert!(logged(&server, "stopped"), "{}", server.logs());
         assert!(
             elapsed < Duration::from_secs(1),
             "postgres={postgres}: SIGTERM to exit took {elapsed:?}\n{}",
@@ -836,5 +786,26 @@ async fn unparseable_requests_get_bare_answers_from_the_http_layer() {
             conn.response_within(patience).await,
             Some(RawOutcome::Closed)
         );
+    }
+}
+
+/// Makes `command`'s process start with at most `limit` open file descriptors (soft and
+/// hard `RLIMIT_NOFILE`), as `ulimit -n` would.
+fn limit_open_files(command: &mut Command, limit: u64) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits; the
+    // closure allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let rlim = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
     }
 }

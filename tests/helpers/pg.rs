@@ -4,7 +4,6 @@
 //!
 //! Needs the PostgreSQL server binaries (`/usr/lib/postgresql/*/bin`). When running as root
 //! the server runs as the `postgres` user, as initdb/postgres refuse to run as root.
-#![allow(dead_code)]
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -199,12 +198,6 @@ impl PgServer {
             }
             let _ = child.wait();
         }
-    }
-
-    /// Stops and starts the server again on the same port and data.
-    pub fn restart(&self) {
-        self.stop();
-        self.launch().expect("restart postgres");
     }
 
     /// URL of the `postgres` maintenance database.

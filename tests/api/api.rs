@@ -1,12 +1,12 @@
-//! The HTTP contract (SPEC §2), row by row, against the real server on a real SQLite file.
+//! The HTTP contract (SPEC §2), row by row, against the real server on a real database.
 
-#[macro_use]
-mod common;
-
-use common::{Backend, Pair, assert_error, forged, mint, spawn_app};
 use futures_util::future::join_all;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+
+use crate::helpers::app::{Backend, spawn_app};
+use crate::helpers::client::{assert_error, metric_value};
+use crate::helpers::credentials::{Pair, forged, mint};
 
 // ---- POST /credentials ----------------------------------------------------------------
 
@@ -64,7 +64,7 @@ async fn register_rejects_malformed_bodies_and_fields_with_400(backend: Backend)
     }
     // Not JSON at all.
     let resp = app
-        .client
+        .http
         .post(app.url("/credentials"))
         .header("content-type", "application/json")
         .body("{not json")
@@ -108,7 +108,7 @@ async fn register_refuses_duplicate_json_fields_with_400_naming_them(backend: Ba
     ];
     for (body, field) in cases {
         let resp = app
-            .client
+            .http
             .post(app.url("/credentials"))
             .header("content-type", "application/json")
             .body(body.clone())
@@ -207,7 +207,7 @@ async fn register_body_limit_is_64_kib(backend: Backend) {
     let app = spawn_app(backend).await;
     let pair = mint();
     let post = |body: String| {
-        app.client
+        app.http
             .post(app.url("/credentials"))
             .header("content-type", "application/json")
             .body(body)
@@ -228,7 +228,7 @@ async fn register_requires_json_content_type(backend: Backend) {
         Some("text/plain"),
         Some("application/x-www-form-urlencoded"),
     ] {
-        let mut req = app.client.post(app.url("/credentials")).body(body.clone());
+        let mut req = app.http.post(app.url("/credentials")).body(body.clone());
         if let Some(ct) = content_type {
             req = req.header("content-type", ct);
         }
@@ -241,7 +241,7 @@ async fn register_requires_json_content_type(backend: Backend) {
         .await;
     }
     let resp = app
-        .client
+        .http
         .post(app.url("/credentials"))
         .header("content-type", "Application/JSON; charset=utf-8")
         .body(body)
@@ -525,13 +525,11 @@ async fn unknown_routes_and_wrong_methods_need_credentials_first(backend: Backen
         let resp = app.send(Method::GET, path, Some(&pair)).await;
         assert_error(resp, StatusCode::NOT_FOUND, "NOT_FOUND").await;
     }
+    let own = format!("/credentials/{}", pair.key);
     for (method, path) in [
         (Method::PUT, "/credentials"),
         (Method::POST, "/auth/verify"),
-        (
-            Method::PATCH,
-            format!("/credentials/{}", pair.key).leak() as &str,
-        ),
+        (Method::PATCH, own.as_str()),
     ] {
         let resp = app.send(method.clone(), path, None).await;
         assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
@@ -661,7 +659,7 @@ async fn health_ready_and_metrics_are_public(backend: Backend) {
     ] {
         assert!(text.contains(series), "missing {series}");
     }
-    assert!(common::metric_value(&text, "credgate_auth_cache_hits_total") >= 1.0);
+    assert!(metric_value(&text, "credgate_auth_cache_hits_total") >= 1.0);
 }
 
 async fn get_one_credential_active_revoked_or_unknown(backend: Backend) {
@@ -822,7 +820,8 @@ mod properties {
     use reqwest::StatusCode;
     use serde_json::{Value, json};
 
-    use super::common::{Backend, Pair, deriver, spawn_app};
+    use crate::helpers::app::{Backend, spawn_app};
+    use crate::helpers::credentials::{Pair, deriver};
 
     fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
@@ -918,7 +917,7 @@ mod properties {
             );
             let want = register_status(&entries, &registered.borrow());
             let got = rt.block_on(async {
-                app.client
+                app.http
                     .post(app.url("/credentials"))
                     .header("content-type", "application/json")
                     .body(body.clone())
@@ -959,7 +958,7 @@ mod properties {
                 Ok(i) => pairs[*i].key.clone(),
                 Err(noise) => noise.clone(),
             };
-            let mut req = app.client.get(app.url("/auth/verify"));
+            let mut req = app.http.get(app.url("/auth/verify"));
             for k in &keys {
                 req = req.header("X-Api-Key", value(k, false));
             }

@@ -1,16 +1,18 @@
 //! The authentication cache (TTL, local and direct-SQL invalidation), database faults,
 //! the schema's triggers, what the file holds, and the connection timeouts.
 
-#[macro_use]
-mod common;
-
 use std::time::Duration;
 
-use common::{Backend, assert_error, eventually, spawn_app, spawn_app_with};
+use base64::Engine as _;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use sqlx::Connection;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::app::{Backend, spawn_app, spawn_app_with, spawn_config, test_config};
+use crate::helpers::client::assert_error;
+use crate::helpers::credentials::{MASTER_HEX, Pair, deriver, forged, mint};
+use crate::helpers::wait::eventually;
 
 const HITS: &str = "credgate_auth_cache_hits_total";
 const MISSES: &str = "credgate_auth_cache_misses_total";
@@ -42,9 +44,9 @@ async fn cached_entries_expire_after_the_ttl(backend: Backend) {
 async fn forged_secrets_never_reach_cache_or_database(backend: Backend) {
     let app = spawn_app(backend).await;
     let real = app.registered().await;
-    let forged = common::Pair {
+    let forged = Pair {
         key: real.key.clone(),
-        secret: common::forged().secret,
+        secret: forged().secret,
     };
     for _ in 0..20 {
         assert_eq!(app.verify(&forged).await, StatusCode::UNAUTHORIZED);
@@ -217,26 +219,12 @@ async fn no_secret_is_stored_anywhere_in_the_database_files() {
         // ...but no secret: neither its text, nor its body, nor its raw bytes.
         assert!(!contains(pair.secret.as_bytes()));
         assert!(!contains(&pair.secret.as_bytes()[3..]));
-        let raw = base64_decode(&pair.secret[3..]);
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&pair.secret[3..])
+            .unwrap();
         assert!(!contains(&raw));
     }
-    assert!(!contains(common::MASTER_HEX.as_bytes()));
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in s.bytes() {
-        bits = (bits << 6) | ALPHABET.iter().position(|a| *a == c).unwrap() as u32;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-        }
-    }
-    out
+    assert!(!contains(MASTER_HEX.as_bytes()));
 }
 
 #[tokio::test]
@@ -286,7 +274,7 @@ async fn a_request_that_takes_too_long_gets_408() {
 async fn shutdown_stops_accepting_but_finishes_in_flight_requests() {
     let app = spawn_app(Backend::Sqlite).await;
     let addr = app.addr;
-    let pair = common::mint();
+    let pair = mint();
     let body = serde_json::json!({ "api_key": pair.key, "api_secret": pair.secret }).to_string();
     let (head, tail) = body.split_at(10);
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -342,10 +330,10 @@ contract_tests!(
 
 // ---- Group commit (SQLite) -------------------------------------------------------------
 
-fn pair_for(key: &str) -> common::Pair {
+fn pair_for(key: &str) -> Pair {
     let key = credgate::credential::ApiKey::parse(key).unwrap();
-    common::Pair {
-        secret: common::deriver().secret_for(&key).expose(),
+    Pair {
+        secret: deriver().secret_for(&key).expose(),
         key: key.into_string(),
     }
 }
@@ -354,7 +342,7 @@ fn pair_for(key: &str) -> common::Pair {
 async fn group_commit_batches_writes_and_answers_each_on_its_own() {
     let app = spawn_app(Backend::Sqlite).await;
     // 100 keys, each registered twice at the same time: duplicates land in the same batches.
-    let pairs: Vec<common::Pair> = (0..100).map(|_| common::mint()).collect();
+    let pairs: Vec<Pair> = (0..100).map(|_| mint()).collect();
     let requests = pairs.iter().chain(pairs.iter()).map(|p| app.register(p));
     let statuses: Vec<StatusCode> = futures_util::future::join_all(requests)
         .await
@@ -392,9 +380,9 @@ async fn a_failing_write_fails_alone_not_its_batch() {
          WHEN NEW.api_key LIKE 'ak_FAIL%' BEGIN SELECT RAISE(ABORT, 'refused'); END",
     )
     .await;
-    let good: Vec<common::Pair> = (0..40).map(|_| common::mint()).collect();
-    let bad: Vec<common::Pair> = (0..10)
-        .map(|i| pair_for(&format!("ak_FAIL{i:02}{}", &common::mint().key[3..20])))
+    let good: Vec<Pair> = (0..40).map(|_| mint()).collect();
+    let bad: Vec<Pair> = (0..10)
+        .map(|i| pair_for(&format!("ak_FAIL{i:02}{}", &mint().key[3..20])))
         .collect();
     let requests = good.iter().chain(bad.iter()).map(|p| app.register(p));
     let statuses: Vec<StatusCode> = futures_util::future::join_all(requests)
@@ -458,8 +446,8 @@ async fn the_sqlite_change_log_forgets_changes_older_than_a_day() {
         .unwrap();
     assert_eq!(before, 2);
 
-    let config = common::test_config(dir.path());
-    let app = common::spawn_config(config, dir).await;
+    let config = test_config(dir.path());
+    let app = spawn_config(config, dir).await;
     let pruned = eventually(Duration::from_secs(3), || async {
         app.sql_text("SELECT CAST(COUNT(*) AS TEXT) FROM api_credential_change")
             .await
@@ -479,7 +467,7 @@ async fn the_sqlite_change_log_forgets_changes_older_than_a_day() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_serialization_failures_are_run_again_not_answered_500() {
-    let app = common::spawn_app(Backend::Postgres).await;
+    let app = spawn_app(Backend::Postgres).await;
     // Every other write attempt is aborted with serialization_failure (a sequence is not
     // rolled back with the aborted transaction, so the retry sees the next number).
     app.sql(
@@ -492,9 +480,9 @@ async fn postgres_serialization_failures_are_run_again_not_answered_500() {
          FOR EACH ROW EXECUTE FUNCTION flaky()",
     )
     .await;
-    let pair = common::mint();
+    let pair = mint();
     assert_eq!(app.register(&pair).await.status(), StatusCode::CREATED);
-    let other = common::mint();
+    let other = mint();
     assert_eq!(app.register(&other).await.status(), StatusCode::CREATED);
     assert_eq!(app.revoke(&other.key, &pair).await.status(), StatusCode::OK);
     assert_eq!(app.verify(&other).await, StatusCode::UNAUTHORIZED);

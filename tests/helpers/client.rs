@@ -1,0 +1,151 @@
+//! One small HTTP client for the service: the server's address and a `reqwest::Client`, with
+//! one method per endpoint. `TestApp` (the application in process) and `ServerProcess` (the
+//! real binary) both dereference to one, so a test talks to either in the same words.
+
+use std::net::SocketAddr;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use super::credentials::{Pair, mint};
+
+/// A client of one running server.
+pub struct Client {
+    /// Where the server listens.
+    pub addr: SocketAddr,
+    /// The underlying client, for requests no method below makes.
+    pub http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// A request, authenticated with `auth` when given.
+    pub fn request(
+        &self,
+        method: Method,
+        path: &str,
+        auth: Option<&Pair>,
+    ) -> reqwest::RequestBuilder {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(p) = auth {
+            req = req
+                .header("X-Api-Key", &p.key)
+                .header("X-Api-Secret", &p.secret);
+        }
+        req
+    }
+
+    pub async fn send(&self, method: Method, path: &str, auth: Option<&Pair>) -> reqwest::Response {
+        self.request(method, path, auth).send().await.expect("send")
+    }
+
+    /// POST /credentials with a JSON body.
+    pub async fn register_json(&self, body: &Value) -> reqwest::Response {
+        self.http
+            .post(self.url("/credentials"))
+            .json(body)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    /// POST /credentials with `pair`.
+    pub async fn register(&self, pair: &Pair) -> reqwest::Response {
+        self.register_json(&serde_json::json!({ "api_key": pair.key, "api_secret": pair.secret }))
+            .await
+    }
+
+    /// Mints and registers a pair, asserting 201.
+    pub async fn registered(&self) -> Pair {
+        let pair = mint();
+        let resp = self.register(&pair).await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        pair
+    }
+
+    /// DELETE /credentials/{target} as `by`.
+    pub async fn revoke(&self, target: &str, by: &Pair) -> reqwest::Response {
+        self.send(Method::DELETE, &format!("/credentials/{target}"), Some(by))
+            .await
+    }
+
+    /// GET /credentials/{key} as `by`, parsed.
+    pub async fn record(&self, key: &str, by: &Pair) -> Value {
+        self.send(Method::GET, &format!("/credentials/{key}"), Some(by))
+            .await
+            .json()
+            .await
+            .expect("record json")
+    }
+
+    /// Status of GET /auth/verify with `pair`.
+    pub async fn verify(&self, pair: &Pair) -> StatusCode {
+        self.send(Method::GET, "/auth/verify", Some(pair))
+            .await
+            .status()
+    }
+
+    /// Status of GET /ready.
+    pub async fn ready(&self) -> StatusCode {
+        self.send(Method::GET, "/ready", None).await.status()
+    }
+
+    /// The value of one series of GET /metrics (the exact series text before the value).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = self
+            .send(Method::GET, "/metrics", None)
+            .await
+            .text()
+            .await
+            .expect("body");
+        metric_value(&text, series)
+    }
+}
+
+/// The value of one series in a metrics text (the exact series text before the value).
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().expect("metric value"))
+        .unwrap_or_else(|| panic!("series {series} not in metrics:\n{text}"))
+}
+
+/// Asserts an error response: status, JSON content type, and the `{"error":{code,message}}`
+/// shape with the given code. Returns the body.
+pub async fn assert_error(resp: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(resp.status(), status, "status");
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ct.starts_with("application/json"), "content-type {ct:?}");
+    let body: Value = resp.json().await.expect("json body");
+    assert_eq!(body["error"]["code"], code, "body {body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "message in {body}"
+    );
+    assert_eq!(
+        body.as_object().map(|o| o.len()),
+        Some(1),
+        "only `error` in {body}"
+    );
+    body
+}
