@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::MasterKeyArgs;
+use super::{DataDirArgs, MasterKeyArgs};
+use crate::config::WhenMissing;
 use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
 
 #[derive(Debug, Args)]
@@ -17,10 +18,12 @@ pub(super) struct VerifyArgs {
     api_secret: String,
     #[command(flatten)]
     key: MasterKeyArgs,
+    #[command(flatten)]
+    data: DataDirArgs,
 }
 
 pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let deriver = SecretDeriver::new(&args.key.load(crate::config::WhenMissing::Fail)?);
+    let deriver = SecretDeriver::new(&args.key.load(&args.data, WhenMissing::Fail)?);
     let key = match ApiKey::parse(&args.api_key) {
         Ok(key) => key,
         Err(e) => return Ok(invalid(&format!("api_key {e}"))),

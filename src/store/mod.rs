@@ -2,7 +2,7 @@
 //! talk to, and the backends behind it. Handlers never see SQL; a backend is chosen once,
 //! from the database URL, by [`open`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -294,11 +294,6 @@ impl DatabaseTarget {
         }
         Err("the database URL must start with sqlite:// or postgres://".into())
     }
-
-    /// The default: `<data dir>/credgate.db`.
-    pub fn default_in(data_dir: &Path) -> Self {
-        Self::Sqlite(data_dir.join("credgate.db"))
-    }
 }
 
 /// Connection settings that apply to every backend.
@@ -313,8 +308,8 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
-            max_connections: 16,
-            timeout: Duration::from_secs(5),
+            max_connections: crate::config::DEFAULT_DB_MAX_CONNECTIONS,
+            timeout: crate::config::DEFAULT_DB_TIMEOUT,
         }
     }
 }
