@@ -14,10 +14,11 @@
 //! - [`store`] is the storage seam (`CredentialStore`) and its SQLite backend.
 //! - [`config`] holds the configuration and the master key sources.
 //! - [`telemetry`] sets up logs and the Prometheus metrics.
-//! - [`cli`] is the `credgate` command line, one module per subcommand.
+//!
+//! The `credgate` command line belongs to the binary (`src/main.rs`, `src/cli/`), not to the
+//! library.
 
 pub mod auth;
-pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod credential;

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 
 use super::{DataDirArgs, MasterKeyArgs};
-use crate::config::WhenMissing;
-use crate::credential::{ApiKey, SecretDeriver};
+use credgate::config::WhenMissing;
+use credgate::credential::{ApiKey, SecretDeriver};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {

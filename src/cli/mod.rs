@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, DEFAULT_DATA_DIR, WhenMissing};
-use crate::credential::MasterKey;
-use crate::store::{self, CredentialStore, DatabaseTarget};
-use crate::telemetry::{self, LogFormat, Metrics};
+use credgate::config::{self, DEFAULT_DATA_DIR, WhenMissing};
+use credgate::credential::MasterKey;
+use credgate::store::{self, CredentialStore, DatabaseTarget};
+use credgate::telemetry::{self, LogFormat, Metrics};
 
 mod issue;
 mod keygen;
@@ -24,7 +24,7 @@ mod verify;
 /// credgate: self-hosted API credentials — derived key/secret pairs, revocation, fast auth.
 #[derive(Debug, Parser)]
 #[command(name = "credgate", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -50,7 +50,7 @@ enum Command {
 impl Cli {
     /// Runs the chosen subcommand. Errors are configuration or I/O problems; `main` prints
     /// them as one line.
-    pub async fn run(self) -> anyhow::Result<ExitCode> {
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         if !matches!(self.command, Command::Serve(_)) {
             telemetry::init_logging(LogFormat::Text, "warn")?;
         }

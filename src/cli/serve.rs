@@ -4,17 +4,17 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 use super::{DatabaseArgs, MasterKeyArgs};
-use crate::config::{
+use credgate::config::{
     Config, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, DEFAULT_DB_MAX_CONNECTIONS,
     DEFAULT_DB_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG_FORMAT,
     DEFAULT_LOG_LEVEL, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_CONNECTIONS,
 };
-use crate::startup::{self, Application};
-use crate::store::StoreSettings;
-use crate::telemetry::{self, LogFormat};
+use credgate::startup::{self, Application};
+use credgate::store::StoreSettings;
+use credgate::telemetry::{self, LogFormat};
 
 #[derive(Debug, Args)]
 pub(super) struct ServeArgs {
@@ -66,15 +66,45 @@ pub(super) struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     db_timeout: u64,
     /// Log format.
-    #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum, default_value_t = DEFAULT_LOG_FORMAT)]
-    log_format: LogFormat,
+    #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum,
+          default_value_t = LogFormatArg::from(DEFAULT_LOG_FORMAT))]
+    log_format: LogFormatArg,
     /// Log level or filter directive (e.g. `info`, `debug`, `credgate=debug,sqlx=warn`).
     #[arg(long, env = "CREDGATE_LOG_LEVEL", default_value = DEFAULT_LOG_LEVEL)]
     log_level: String,
 }
 
+/// `--log-format`'s values: the library's [`LogFormat`], spelled for the command line (the
+/// library does not depend on clap). Converted both ways, so a new format fails to compile
+/// until it is here too.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormat> for LogFormatArg {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+        }
+    }
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(format: LogFormatArg) -> Self {
+        match format {
+            LogFormatArg::Text => Self::Text,
+            LogFormatArg::Json => Self::Json,
+        }
+    }
+}
+
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    telemetry::init_logging(args.log_format, &args.log_level)?;
+    telemetry::init_logging(args.log_format.into(), &args.log_level)?;
     let database = args.db.explicit()?;
     let config = Config {
         listen: args.listen,

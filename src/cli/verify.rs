@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::{DataDirArgs, MasterKeyArgs};
-use crate::config::WhenMissing;
-use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
+use credgate::config::WhenMissing;
+use credgate::credential::{ApiKey, ApiSecret, SecretDeriver};
 
 #[derive(Debug, Args)]
 pub(super) struct VerifyArgs {
