@@ -24,7 +24,7 @@ pub use crate::connections::MAX_CONNECTIONS;
 const EMBEDDED_MASTER_KEY: Option<&str> = option_env!("CREDGATE_EMBEDDED_MASTER_KEY");
 
 /// Name of the generated key file inside the data dir.
-pub const MASTER_KEY_FILE_NAME: &str = "master.key";
+pub(crate) const MASTER_KEY_FILE_NAME: &str = "master.key";
 
 // The defaults, written once: `Config::new`, `StoreSettings::default` and the command line's
 // `[default: …]` all read these.
@@ -112,8 +112,8 @@ impl Config {
     }
 
     /// The connection limit: the one configured, else the soft `RLIMIT_NOFILE` minus the
-    /// descriptors the database and the rest of the process need (see
-    /// [`connections::derived_max_connections`]).
+    /// descriptors the database and the rest of the process need, never below a small
+    /// minimum nor above [`MAX_CONNECTIONS`].
     pub fn max_connections(&self) -> u32 {
         self.max_connections.unwrap_or_else(|| {
             connections::derived_max_connections(

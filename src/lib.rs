@@ -6,12 +6,13 @@
 //!
 //! - [`startup`] builds the [`Application`] from a [`Config`]: master key, store, cache,
 //!   router, and runs it with graceful shutdown.
-//! - [`connections`] caps open connections, closes idle ones to make room, and backs off
+//! - `connections` caps open connections, closes idle ones to make room, and backs off
 //!   when `accept` fails.
 //! - [`http`] holds the router, the middleware stack and the handlers, with one error type.
 //! - [`auth`] authenticates a request: form → derivation → cache → database.
 //! - [`credential`] parses keys and secrets and does the derivation.
-//! - [`store`] is the storage seam (`CredentialStore`) and its SQLite backend.
+//! - [`store`] is the storage seam (`CredentialStore`) and its SQLite and PostgreSQL
+//!   backends.
 //! - [`config`] holds the configuration and the master key sources.
 //! - [`telemetry`] sets up logs and the Prometheus metrics.
 //!
@@ -20,7 +21,7 @@
 
 pub mod auth;
 pub mod config;
-pub mod connections;
+pub(crate) mod connections;
 pub mod credential;
 pub mod http;
 pub mod startup;

@@ -81,7 +81,7 @@ pub enum KeyState {
 
 impl KeyState {
     /// The state for the `active` column of a row, or no row.
-    pub fn from_active(active: Option<bool>) -> Self {
+    pub(crate) fn from_active(active: Option<bool>) -> Self {
         match active {
             Some(true) => Self::Active,
             Some(false) => Self::Revoked,
@@ -110,7 +110,7 @@ pub enum Revocation {
 
 impl Registration {
     /// The outcome of an `INSERT … ON CONFLICT DO NOTHING` that touched `rows` rows.
-    pub fn from_rows(rows: u64) -> Self {
+    pub(crate) fn from_rows(rows: u64) -> Self {
         if rows == 1 {
             Self::Created
         } else {
@@ -121,7 +121,7 @@ impl Registration {
 
 impl Revocation {
     /// The outcome of an `UPDATE … WHERE active` that touched `rows` rows.
-    pub fn from_rows(rows: u64) -> Self {
+    pub(crate) fn from_rows(rows: u64) -> Self {
         if rows == 1 {
             Self::Revoked
         } else {
@@ -223,11 +223,11 @@ pub enum Change {
 
 /// How many changes the feed buffers for a slow subscriber; one that falls further behind
 /// is told to forget everything (`RecvError::Lagged`), so nothing is ever missed silently.
-pub const CHANGE_FEED_CAPACITY: usize = 4096;
+pub(crate) const CHANGE_FEED_CAPACITY: usize = 4096;
 
 /// Aborts a background task when dropped, so none outlives the handle that owns it.
 #[derive(Debug)]
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

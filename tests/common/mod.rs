@@ -1,7 +1,7 @@
 //! Shared test helpers: `spawn_app()` runs the same `Application` that `main` runs, on a
 //! random port with a fresh SQLite file and master key; `ServerProcess` runs the real binary.
 //! Set `TEST_LOG=1` to see the service's logs.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 pub mod pg;
 
