@@ -7,6 +7,8 @@
 //!
 //! `cargo run --release --example propagation -- [N]` (default N = 200).
 
+// The test helpers are `pub` for the test crates that share them; here they are private.
+#[allow(unreachable_pub)]
 #[path = "../tests/helpers/pg.rs"]
 mod pg;
 

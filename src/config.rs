@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{ErrorKind, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,15 +16,54 @@ use anyhow::Context;
 use crate::connections;
 use crate::credential::{MasterKey, MasterKeyFormatError};
 use crate::store::{DatabaseTarget, StoreSettings};
+use crate::telemetry::LogFormat;
+
+pub use crate::connections::MAX_CONNECTIONS;
 
 /// A master key embedded at build time (`CREDGATE_EMBEDDED_MASTER_KEY`, checked by build.rs).
 const EMBEDDED_MASTER_KEY: Option<&str> = option_env!("CREDGATE_EMBEDDED_MASTER_KEY");
 
 /// Name of the generated key file inside the data dir.
-pub const MASTER_KEY_FILE_NAME: &str = "master.key";
+pub(crate) const MASTER_KEY_FILE_NAME: &str = "master.key";
+
+// The defaults, written once: `Config::new`, `StoreSettings::default` and the command line's
+// `[default: …]` all read these.
 
 /// Default data dir, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "./credgate-data";
+
+/// Name of the default SQLite database inside the data dir.
+pub const DEFAULT_DATABASE_FILE_NAME: &str = "credgate.db";
+
+/// Default listen address: every IPv4 interface, port 8080.
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 8080);
+
+/// Default lifetime of a cached positive authentication.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(300);
+
+/// Default most credentials in the authentication cache.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+
+/// Default longest a request may take, body upload included.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default longest a client may take to send a request's headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Default longest in-flight requests may run after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default most pooled database connections for queries.
+pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
+
+/// Default longest a database query may run, or wait for a connection.
+pub const DEFAULT_DB_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Default log line format of `serve`.
+pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
+
+/// Default log filter directive of `serve`.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
@@ -58,23 +97,23 @@ impl Config {
     /// Defaults from SPEC §2 and §5, with the given data dir.
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen: DEFAULT_LISTEN,
             data_dir: data_dir.into(),
             database: None,
             master_key_file: None,
-            cache_ttl: Duration::from_secs(300),
-            cache_capacity: 100_000,
-            request_timeout: Duration::from_secs(30),
-            header_read_timeout: Duration::from_secs(10),
-            shutdown_timeout: Duration::from_secs(30),
+            cache_ttl: DEFAULT_CACHE_TTL,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             store: StoreSettings::default(),
             max_connections: None,
         }
     }
 
     /// The connection limit: the one configured, else the soft `RLIMIT_NOFILE` minus the
-    /// descriptors the database and the rest of the process need (see
-    /// [`connections::derived_max_connections`]).
+    /// descriptors the database and the rest of the process need, never below a small
+    /// minimum nor above [`MAX_CONNECTIONS`].
     pub fn max_connections(&self) -> u32 {
         self.max_connections.unwrap_or_else(|| {
             connections::derived_max_connections(
@@ -84,12 +123,19 @@ impl Config {
         })
     }
 
-    /// The database this configuration names.
+    /// The database this configuration names (see [`database_target`]).
     pub fn database_target(&self) -> DatabaseTarget {
-        self.database
-            .clone()
-            .unwrap_or_else(|| DatabaseTarget::default_in(&self.data_dir))
+        database_target(self.database.as_ref(), &self.data_dir)
     }
+}
+
+/// The database to use: the one named explicitly, else SQLite at
+/// `<data dir>/`[`DEFAULT_DATABASE_FILE_NAME`]. `serve` and the direct-database commands
+/// share this rule, so they find the same default file.
+pub fn database_target(explicit: Option<&DatabaseTarget>, data_dir: &Path) -> DatabaseTarget {
+    explicit
+        .cloned()
+        .unwrap_or_else(|| DatabaseTarget::Sqlite(data_dir.join(DEFAULT_DATABASE_FILE_NAME)))
 }
 
 /// Where the master key in use came from.

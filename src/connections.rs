@@ -30,7 +30,7 @@ use crate::telemetry::Metrics;
 /// The derived default never goes below this many connections, however low the descriptor
 /// limit: a service that can hold a handful of clients is more useful than one refusing to
 /// start, and the shortfall is logged.
-pub const MIN_DERIVED_CONNECTIONS: u32 = 16;
+pub(crate) const MIN_DERIVED_CONNECTIONS: u32 = 16;
 
 /// Highest connection limit, explicit or derived (Linux's default ceiling on descriptors per
 /// process, `fs.nr_open`).
@@ -39,7 +39,7 @@ pub const MAX_CONNECTIONS: u32 = 1 << 20;
 /// Descriptors the process needs besides the database and the connections: stdio (3), the
 /// listener, the runtime's epoll, eventfd and signal pipe, log files, and short-lived ones
 /// (the master key file, `/dev/urandom`, DNS lookups). An idle server uses about 12.
-pub const BASE_RESERVED_DESCRIPTORS: u64 = 32;
+pub(crate) const BASE_RESERVED_DESCRIPTORS: u64 = 32;
 
 /// Descriptors per SQLite connection in WAL mode: the database file and its WAL each hold
 /// one, the shared-memory index one more per process; three per connection leaves room for
@@ -70,7 +70,7 @@ const ACCEPT_REMINDER: Duration = Duration::from_secs(60);
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The soft `RLIMIT_NOFILE` (`ulimit -n`), or `None` when unlimited or unknown.
-pub fn open_file_limit() -> Option<u64> {
+pub(crate) fn open_file_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -83,7 +83,7 @@ pub fn open_file_limit() -> Option<u64> {
 /// Descriptors the database side may hold: SQLite keeps `read pool + writer + watcher`
 /// connections with three descriptors each; PostgreSQL one socket per pooled connection, one
 /// for the invalidation listener and one for a reconnection in progress.
-pub fn database_descriptors(target: &DatabaseTarget, store: &StoreSettings) -> u64 {
+pub(crate) fn database_descriptors(target: &DatabaseTarget, store: &StoreSettings) -> u64 {
     match target {
         DatabaseTarget::Sqlite(_) => {
             let readers =
@@ -97,7 +97,7 @@ pub fn database_descriptors(target: &DatabaseTarget, store: &StoreSettings) -> u
 /// The default connection limit: the descriptor limit minus what the database and the rest of
 /// the process need, at least [`MIN_DERIVED_CONNECTIONS`], at most [`MAX_CONNECTIONS`]
 /// (also when the descriptor limit is unlimited or unknown).
-pub fn derived_max_connections(open_files: Option<u64>, database: u64) -> u32 {
+pub(crate) fn derived_max_connections(open_files: Option<u64>, database: u64) -> u32 {
     let Some(open_files) = open_files else {
         return MAX_CONNECTIONS;
     };
@@ -109,7 +109,7 @@ pub fn derived_max_connections(open_files: Option<u64>, database: u64) -> u32 {
 
 /// The open connections and the cap on them. Cheap to clone.
 #[derive(Clone)]
-pub struct Connections(Arc<Shared>);
+pub(crate) struct Connections(Arc<Shared>);
 
 struct Shared {
     limit: u32,
@@ -156,10 +156,10 @@ impl Slot {
 }
 
 /// Room for one more connection, reserved before accepting it.
-pub struct Reservation(OwnedSemaphorePermit);
+pub(crate) struct Reservation(OwnedSemaphorePermit);
 
 /// An open connection's place in the registry; frees its slot when dropped.
-pub struct Admitted {
+pub(crate) struct Admitted {
     shared: Arc<Shared>,
     id: u64,
     slot: Arc<Slot>,
@@ -167,11 +167,11 @@ pub struct Admitted {
 }
 
 /// Marks its connection busy while a request is being handled.
-pub struct Busy(Arc<Slot>);
+pub(crate) struct Busy(Arc<Slot>);
 
 impl Connections {
     /// A registry allowing `limit` open connections.
-    pub fn new(limit: u32, metrics: Metrics) -> Self {
+    pub(crate) fn new(limit: u32, metrics: Metrics) -> Self {
         let limit = limit.clamp(1, MAX_CONNECTIONS);
         metrics.set_connection_limit(limit);
         Self(Arc::new(Shared {
@@ -186,12 +186,12 @@ impl Connections {
     }
 
     /// The limit.
-    pub fn limit(&self) -> u32 {
+    pub(crate) fn limit(&self) -> u32 {
         self.0.limit
     }
 
     /// Connections open now.
-    pub fn open_count(&self) -> usize {
+    pub(crate) fn open_count(&self) -> usize {
         self.open().len()
     }
 
@@ -203,7 +203,7 @@ impl Connections {
 
     /// Waits for room for one more connection. While there is none and a client is waiting in
     /// `listener`'s backlog, asks idle connections to close to make room.
-    pub async fn reserve(&self, listener: &TcpListener) -> Reservation {
+    pub(crate) async fn reserve(&self, listener: &TcpListener) -> Reservation {
         if let Ok(permit) = self.0.permits.clone().try_acquire_owned() {
             return Reservation(permit);
         }
@@ -243,7 +243,7 @@ impl Connections {
     }
 
     /// Registers an accepted connection in the slot `reservation` holds.
-    pub fn admit(&self, reservation: Reservation) -> Admitted {
+    pub(crate) fn admit(&self, reservation: Reservation) -> Admitted {
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(Slot {
             opened: Instant::now(),
@@ -264,7 +264,7 @@ impl Connections {
 
     /// Asks the oldest idle connections to close: a tenth of the limit (at least one), less
     /// those already closing. Returns how many were asked.
-    pub fn close_idle(&self) -> usize {
+    pub(crate) fn close_idle(&self) -> usize {
         let batch = (self.0.limit as usize / 10).max(1);
         let now = Instant::now();
         let open = self.open();
@@ -285,7 +285,7 @@ impl Connections {
     }
 
     /// Asks every open connection to close once its request in progress, if any, is answered.
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         for slot in self.open().values() {
             if slot.ask_to_close() {
                 self.0.closing.fetch_add(1, Ordering::Relaxed);
@@ -294,7 +294,7 @@ impl Connections {
     }
 
     /// Resolves once every connection has closed (and no slot is reserved).
-    pub async fn all_closed(&self) {
+    pub(crate) async fn all_closed(&self) {
         // Holding every permit means nobody holds one. The semaphore is never closed, so the
         // error case cannot happen; treat it as done rather than wait forever.
         let _ = self.0.permits.acquire_many(self.0.limit).await;
@@ -303,7 +303,7 @@ impl Connections {
 
 impl Admitted {
     /// Marks the connection busy until the returned guard is dropped.
-    pub fn busy(&self) -> impl Fn() -> Busy + Clone + Send + Sync + 'static {
+    pub(crate) fn busy(&self) -> impl Fn() -> Busy + Clone + Send + Sync + 'static {
         let slot = self.slot.clone();
         move || {
             slot.busy.fetch_add(1, Ordering::AcqRel);
@@ -312,7 +312,7 @@ impl Admitted {
     }
 
     /// Resolves when the connection has been asked to close (idle shedding or shutdown).
-    pub async fn close_requested(&self) {
+    pub(crate) async fn close_requested(&self) {
         self.slot.close.notified().await;
     }
 }
@@ -355,7 +355,7 @@ fn backlog_waiting(listener: &TcpListener) -> bool {
 /// aborted before we got to it, or the network under it failed): retry at once, quietly.
 /// Anything else — out of descriptors (`EMFILE`, `ENFILE`) or memory — concerns every
 /// connection and calls for backing off.
-pub fn is_per_connection(e: &io::Error) -> bool {
+pub(crate) fn is_per_connection(e: &io::Error) -> bool {
     use io::ErrorKind::{ConnectionAborted, ConnectionReset, Interrupted};
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted)
         || matches!(
@@ -376,7 +376,7 @@ pub fn is_per_connection(e: &io::Error) -> bool {
 /// Backoff and logging for `accept` failures: the first failure of an episode is logged, later
 /// ones are counted, and the end of the episode (no failure for a second) is logged with the
 /// count.
-pub struct AcceptFailures {
+pub(crate) struct AcceptFailures {
     delay: Duration,
     episode: Option<Episode>,
     metrics: Metrics,
@@ -391,7 +391,7 @@ struct Episode {
 
 impl AcceptFailures {
     /// No failure yet.
-    pub fn new(metrics: Metrics) -> Self {
+    pub(crate) fn new(metrics: Metrics) -> Self {
         Self {
             delay: ACCEPT_BACKOFF_FIRST,
             episode: None,
@@ -400,7 +400,7 @@ impl AcceptFailures {
     }
 
     /// Records a failed `accept`; returns how long to pause before the next one.
-    pub fn failed(&mut self, error: &io::Error, open: usize) -> Duration {
+    pub(crate) fn failed(&mut self, error: &io::Error, open: usize) -> Duration {
         let now = Instant::now();
         self.metrics.accept_error();
         match &mut self.episode {
@@ -438,17 +438,17 @@ impl AcceptFailures {
     }
 
     /// Records a successful `accept`: the next failure pauses briefly again.
-    pub fn succeeded(&mut self) {
+    pub(crate) fn succeeded(&mut self) {
         self.delay = ACCEPT_BACKOFF_FIRST;
     }
 
     /// When the current episode ends if no failure comes first; `None` outside an episode.
-    pub fn quiet_deadline(&self) -> Option<Instant> {
+    pub(crate) fn quiet_deadline(&self) -> Option<Instant> {
         self.episode.as_ref().map(|e| e.last + ACCEPT_QUIET)
     }
 
     /// Ends the current episode, logging its summary.
-    pub fn end_episode(&mut self) {
+    pub(crate) fn end_episode(&mut self) {
         if let Some(episode) = self.episode.take() {
             tracing::info!(
                 failures = episode.failures,

@@ -6,20 +6,22 @@
 //!
 //! - [`startup`] builds the [`Application`] from a [`Config`]: master key, store, cache,
 //!   router, and runs it with graceful shutdown.
-//! - [`connections`] caps open connections, closes idle ones to make room, and backs off
+//! - `connections` caps open connections, closes idle ones to make room, and backs off
 //!   when `accept` fails.
 //! - [`http`] holds the router, the middleware stack and the handlers, with one error type.
 //! - [`auth`] authenticates a request: form → derivation → cache → database.
 //! - [`credential`] parses keys and secrets and does the derivation.
-//! - [`store`] is the storage seam (`CredentialStore`) and its SQLite backend.
+//! - [`store`] is the storage seam (`CredentialStore`) and its SQLite and PostgreSQL
+//!   backends.
 //! - [`config`] holds the configuration and the master key sources.
 //! - [`telemetry`] sets up logs and the Prometheus metrics.
-//! - [`cli`] is the `credgate` command line, one module per subcommand.
+//!
+//! The `credgate` command line belongs to the binary (`src/main.rs`, `src/cli/`), not to the
+//! library.
 
 pub mod auth;
-pub mod cli;
 pub mod config;
-pub mod connections;
+pub(crate) mod connections;
 pub mod credential;
 pub mod http;
 pub mod startup;

@@ -1,15 +1,18 @@
-//! The `credgate` binary: parses the command line and runs one subcommand.
+//! The `credgate` binary: parses the command line and runs one subcommand. The command line
+//! lives here, not in the library, so the library carries no clap.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser as _;
 
+mod cli;
+
 /// Longest the exit waits for work left in the async runtime once the command has finished.
 const RUNTIME_SHUTDOWN_LIMIT: Duration = Duration::from_millis(200);
 
 fn main() -> ExitCode {
-    let cli = credgate::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -11,13 +11,19 @@ use prometheus::{
 use tracing_subscriber::EnvFilter;
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
-    #[default]
     Text,
     /// One JSON object per line.
     Json,
+}
+
+impl Default for LogFormat {
+    /// [`DEFAULT_LOG_FORMAT`](crate::config::DEFAULT_LOG_FORMAT): human-readable lines.
+    fn default() -> Self {
+        crate::config::DEFAULT_LOG_FORMAT
+    }
 }
 
 /// Installs the global subscriber, writing to stderr. `level` is an `EnvFilter` directive

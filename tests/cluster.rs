@@ -2,6 +2,9 @@
 //! instance's API or by SQL — reaches every instance's cache, also across lost listener
 //! connections and a PostgreSQL restart.
 
+// A test crate has no public API: its helpers are `pub` only to be shared between modules.
+#![allow(unreachable_pub)]
+
 /// The shared helpers this binary uses. It calls only part of `app`, `client` and
 /// `credentials`, hence the allowances; the `api` binary includes every helper module without
 /// them, so a helper that no test uses is still reported there.

@@ -7,6 +7,9 @@
 //! message saying so. The PostgreSQL test stops this test binary's own server, so no other
 //! PostgreSQL test belongs in this file.
 
+// A test crate has no public API: its helpers are `pub` only to be shared between modules.
+#![allow(unreachable_pub)]
+
 /// The shared helpers this binary uses. It calls only part of `app`, `client`, `credentials`
 /// and `server_process`, hence the allowances; the `api` binary includes every helper module
 /// without them, so a helper that no test uses is still reported there.

@@ -1,6 +1,6 @@
 //! Benchmark helper: bulk-registers credentials straight into an SQLite file, in one
 //! transaction of multi-row INSERTs — the fast way to a database with a million rows.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 
-use super::MasterKeyArgs;
-use crate::credential::{ApiKey, SecretDeriver};
+use super::{DataDirArgs, MasterKeyArgs};
+use credgate::config::WhenMissing;
+use credgate::credential::{ApiKey, SecretDeriver};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {
@@ -27,13 +28,15 @@ pub(super) struct IssueArgs {
     format: Format,
     #[command(flatten)]
     key: MasterKeyArgs,
+    #[command(flatten)]
+    data: DataDirArgs,
 }
 
 /// Counts large enough to be worth a progress line on a terminal.
 const PROGRESS_FROM: u64 = 10_000;
 
 pub(super) fn run(args: IssueArgs) -> anyhow::Result<ExitCode> {
-    let deriver = SecretDeriver::new(&args.key.load(crate::config::WhenMissing::Generate)?);
+    let deriver = SecretDeriver::new(&args.key.load(&args.data, WhenMissing::Generate)?);
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let progress = args.count >= PROGRESS_FROM && io::stderr().is_terminal();

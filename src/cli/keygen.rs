@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::config::write_private;
-use crate::credential::MasterKey;
+use credgate::config::write_private;
+use credgate::credential::MasterKey;
 
 #[derive(Debug, Args)]
 pub(super) struct KeygenArgs {

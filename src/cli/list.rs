@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::DatabaseArgs;
-use crate::store::ListQuery;
+use credgate::store::ListQuery;
 
 #[derive(Debug, Args)]
 pub(super) struct ListArgs {
@@ -40,7 +40,7 @@ pub(super) async fn run(args: ListArgs) -> anyhow::Result<ExitCode> {
         }
         match page.last() {
             Some(last) if page.len() == PAGE as usize => {
-                query.after = Some(crate::credential::ApiKey::parse(&last.api_key).map_err(
+                query.after = Some(credgate::credential::ApiKey::parse(&last.api_key).map_err(
                     |e| anyhow::anyhow!("stored api_key {:?} is malformed: {e}", last.api_key),
                 )?);
             }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::DatabaseArgs;
-use crate::store::{self, DatabaseTarget};
+use credgate::store::{self, DatabaseTarget};
 
 #[derive(Debug, Args)]
 pub(super) struct MigrateArgs {
@@ -16,7 +16,7 @@ pub(super) struct MigrateArgs {
 pub(super) async fn run(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     let target = args.db.target()?;
     if args.db.explicit()?.is_none() {
-        crate::config::ensure_data_dir(&args.db.data.data_dir)?;
+        credgate::config::ensure_data_dir(&args.db.data.data_dir)?;
     }
     store::migrate(&target).await?;
     match target {

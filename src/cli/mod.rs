@@ -8,10 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, DEFAULT_DATA_DIR, WhenMissing};
-use crate::credential::MasterKey;
-use crate::store::{self, CredentialStore, DatabaseTarget};
-use crate::telemetry::{self, LogFormat, Metrics};
+use credgate::config::{self, DEFAULT_DATA_DIR, WhenMissing};
+use credgate::credential::MasterKey;
+use credgate::store::{self, CredentialStore, DatabaseTarget};
+use credgate::telemetry::{self, LogFormat, Metrics};
 
 mod issue;
 mod keygen;
@@ -24,7 +24,7 @@ mod verify;
 /// credgate: self-hosted API credentials — derived key/secret pairs, revocation, fast auth.
 #[derive(Debug, Parser)]
 #[command(name = "credgate", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -50,7 +50,7 @@ enum Command {
 impl Cli {
     /// Runs the chosen subcommand. Errors are configuration or I/O problems; `main` prints
     /// them as one line.
-    pub async fn run(self) -> anyhow::Result<ExitCode> {
+    pub(crate) async fn run(self) -> anyhow::Result<ExitCode> {
         if !matches!(self.command, Command::Serve(_)) {
             telemetry::init_logging(LogFormat::Text, "warn")?;
         }
@@ -74,28 +74,22 @@ struct DataDirArgs {
     data_dir: PathBuf,
 }
 
-/// Where the master key is.
+/// Where the master key is, when not in the data dir.
 #[derive(Debug, Args)]
 struct MasterKeyArgs {
     /// File holding the master key (64 hex characters).
     #[arg(long, env = "CREDGATE_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
-    #[command(flatten)]
-    data: DataDirArgs,
 }
 
 impl MasterKeyArgs {
-    fn load(&self, missing: WhenMissing) -> anyhow::Result<MasterKey> {
-        config::load_master_key(
-            self.master_key_file.as_deref(),
-            &self.data.data_dir,
-            missing,
-        )
-        .map(|(key, _)| key)
+    fn load(&self, data: &DataDirArgs, missing: WhenMissing) -> anyhow::Result<MasterKey> {
+        config::load_master_key(self.master_key_file.as_deref(), &data.data_dir, missing)
+            .map(|(key, _)| key)
     }
 }
 
-/// Which database.
+/// Which database: `serve` and the direct-database commands share these flags.
 #[derive(Debug, Args)]
 struct DatabaseArgs {
     /// sqlite://relative/path.db, sqlite:///absolute/path.db or postgres://… (also read from
@@ -107,14 +101,24 @@ struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
+    /// The database named by `--database-url` / `CREDGATE_DATABASE_URL`, else `DATABASE_URL`;
+    /// `None` means the default SQLite file in the data dir.
     fn explicit(&self) -> anyhow::Result<Option<DatabaseTarget>> {
-        explicit_database(self.database_url.clone())
+        self.database_url
+            .clone()
+            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+            .map(|u| {
+                DatabaseTarget::parse(&u)
+                    .map_err(|e| anyhow::anyhow!("invalid --database-url: {e}"))
+            })
+            .transpose()
     }
 
     fn target(&self) -> anyhow::Result<DatabaseTarget> {
-        Ok(self
-            .explicit()?
-            .unwrap_or_else(|| DatabaseTarget::default_in(&self.data.data_dir)))
+        Ok(config::database_target(
+            self.explicit()?.as_ref(),
+            &self.data.data_dir,
+        ))
     }
 
     /// Opens an existing database for the direct-database commands; never creates one.
@@ -125,16 +129,6 @@ impl DatabaseArgs {
         }
         store::open(&target, &store::StoreSettings::default(), Metrics::new()?).await
     }
-}
-
-/// The database named by `--database-url` / `CREDGATE_DATABASE_URL`, else `DATABASE_URL`;
-/// `None` means the default SQLite file in the data dir.
-fn explicit_database(flag: Option<String>) -> anyhow::Result<Option<DatabaseTarget>> {
-    flag.or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
-        .map(|u| {
-            DatabaseTarget::parse(&u).map_err(|e| anyhow::anyhow!("invalid --database-url: {e}"))
-        })
-        .transpose()
 }
 
 fn ensure_exists(path: &Path) -> anyhow::Result<()> {

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::DatabaseArgs;
-use crate::credential::ApiKey;
-use crate::store::Revocation;
+use credgate::credential::ApiKey;
+use credgate::store::Revocation;
 
 #[derive(Debug, Args)]
 pub(super) struct RevokeArgs {

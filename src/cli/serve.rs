@@ -4,45 +4,51 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
-use super::MasterKeyArgs;
-use crate::config::Config;
-use crate::connections::MAX_CONNECTIONS;
-use crate::startup::{self, Application};
-use crate::store::StoreSettings;
-use crate::telemetry::{self, LogFormat};
+use super::{DatabaseArgs, MasterKeyArgs};
+use credgate::config::{
+    Config, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, DEFAULT_DB_MAX_CONNECTIONS,
+    DEFAULT_DB_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG_FORMAT,
+    DEFAULT_LOG_LEVEL, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_CONNECTIONS,
+};
+use credgate::startup::{self, Application};
+use credgate::store::StoreSettings;
+use credgate::telemetry::{self, LogFormat};
 
 #[derive(Debug, Args)]
 pub(super) struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "CREDGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "CREDGATE_LISTEN", default_value_t = DEFAULT_LISTEN)]
     listen: SocketAddr,
     #[command(flatten)]
     key: MasterKeyArgs,
-    /// Database URL (see `credgate migrate --help`).
-    #[arg(long, env = "CREDGATE_DATABASE_URL")]
-    database_url: Option<String>,
+    #[command(flatten)]
+    db: DatabaseArgs,
     /// Seconds a positive authentication is cached (0 disables the cache; at most 86400).
-    #[arg(long, env = "CREDGATE_CACHE_TTL", default_value_t = 300,
+    #[arg(long, env = "CREDGATE_CACHE_TTL", default_value_t = DEFAULT_CACHE_TTL.as_secs(),
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     cache_ttl: u64,
     /// Most credentials in the authentication cache.
-    #[arg(long, env = "CREDGATE_CACHE_CAPACITY", default_value_t = 100_000)]
+    #[arg(long, env = "CREDGATE_CACHE_CAPACITY", default_value_t = DEFAULT_CACHE_CAPACITY)]
     cache_capacity: u64,
     /// Seconds a request may take, body included.
-    #[arg(long, env = "CREDGATE_REQUEST_TIMEOUT", default_value_t = 30,
+    #[arg(long, env = "CREDGATE_REQUEST_TIMEOUT",
+          default_value_t = DEFAULT_REQUEST_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout: u64,
     /// Seconds a client may take to send request headers.
-    #[arg(long, env = "CREDGATE_HEADER_READ_TIMEOUT", default_value_t = 10,
+    #[arg(long, env = "CREDGATE_HEADER_READ_TIMEOUT",
+          default_value_t = DEFAULT_HEADER_READ_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     header_read_timeout: u64,
     /// Seconds in-flight requests may run after SIGTERM/SIGINT.
-    #[arg(long, env = "CREDGATE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    #[arg(long, env = "CREDGATE_SHUTDOWN_TIMEOUT",
+          default_value_t = DEFAULT_SHUTDOWN_TIMEOUT.as_secs())]
     shutdown_timeout: u64,
     /// Most PostgreSQL connections for queries (the invalidation listener has one more).
-    #[arg(long, env = "CREDGATE_DB_MAX_CONNECTIONS", default_value_t = 16,
+    #[arg(long, env = "CREDGATE_DB_MAX_CONNECTIONS",
+          default_value_t = DEFAULT_DB_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     db_max_connections: u32,
     /// Most HTTP connections open at once; beyond it new ones wait in the kernel's backlog and
@@ -56,23 +62,53 @@ pub(super) struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CONNECTIONS)))]
     max_connections: Option<u32>,
     /// Seconds a database query may run, or wait for a connection, before it fails (500).
-    #[arg(long, env = "CREDGATE_DB_TIMEOUT", default_value_t = 5,
+    #[arg(long, env = "CREDGATE_DB_TIMEOUT", default_value_t = DEFAULT_DB_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     db_timeout: u64,
     /// Log format.
-    #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum,
+          default_value_t = LogFormatArg::from(DEFAULT_LOG_FORMAT))]
+    log_format: LogFormatArg,
     /// Log level or filter directive (e.g. `info`, `debug`, `credgate=debug,sqlx=warn`).
-    #[arg(long, env = "CREDGATE_LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = "CREDGATE_LOG_LEVEL", default_value = DEFAULT_LOG_LEVEL)]
     log_level: String,
 }
 
+/// `--log-format`'s values: the library's [`LogFormat`], spelled for the command line (the
+/// library does not depend on clap). Converted both ways, so a new format fails to compile
+/// until it is here too.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormat> for LogFormatArg {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+        }
+    }
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(format: LogFormatArg) -> Self {
+        match format {
+            LogFormatArg::Text => Self::Text,
+            LogFormatArg::Json => Self::Json,
+        }
+    }
+}
+
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    telemetry::init_logging(args.log_format, &args.log_level)?;
-    let database = super::explicit_database(args.database_url)?;
+    telemetry::init_logging(args.log_format.into(), &args.log_level)?;
+    let database = args.db.explicit()?;
     let config = Config {
         listen: args.listen,
-        data_dir: args.key.data.data_dir,
+        data_dir: args.db.data.data_dir,
         database,
         master_key_file: args.key.master_key_file,
         cache_ttl: Duration::from_secs(args.cache_ttl),

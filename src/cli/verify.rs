@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::MasterKeyArgs;
-use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
+use super::{DataDirArgs, MasterKeyArgs};
+use credgate::config::WhenMissing;
+use credgate::credential::{ApiKey, ApiSecret, SecretDeriver};
 
 #[derive(Debug, Args)]
 pub(super) struct VerifyArgs {
@@ -17,10 +18,12 @@ pub(super) struct VerifyArgs {
     api_secret: String,
     #[command(flatten)]
     key: MasterKeyArgs,
+    #[command(flatten)]
+    data: DataDirArgs,
 }
 
 pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let deriver = SecretDeriver::new(&args.key.load(crate::config::WhenMissing::Fail)?);
+    let deriver = SecretDeriver::new(&args.key.load(&args.data, WhenMissing::Fail)?);
     let key = match ApiKey::parse(&args.api_key) {
         Ok(key) => key,
         Err(e) => return Ok(invalid(&format!("api_key {e}"))),

@@ -2,7 +2,7 @@
 //! talk to, and the backends behind it. Handlers never see SQL; a backend is chosen once,
 //! from the database URL, by [`open`].
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,7 +81,7 @@ pub enum KeyState {
 
 impl KeyState {
     /// The state for the `active` column of a row, or no row.
-    pub fn from_active(active: Option<bool>) -> Self {
+    pub(crate) fn from_active(active: Option<bool>) -> Self {
         match active {
             Some(true) => Self::Active,
             Some(false) => Self::Revoked,
@@ -110,7 +110,7 @@ pub enum Revocation {
 
 impl Registration {
     /// The outcome of an `INSERT … ON CONFLICT DO NOTHING` that touched `rows` rows.
-    pub fn from_rows(rows: u64) -> Self {
+    pub(crate) fn from_rows(rows: u64) -> Self {
         if rows == 1 {
             Self::Created
         } else {
@@ -121,7 +121,7 @@ impl Registration {
 
 impl Revocation {
     /// The outcome of an `UPDATE … WHERE active` that touched `rows` rows.
-    pub fn from_rows(rows: u64) -> Self {
+    pub(crate) fn from_rows(rows: u64) -> Self {
         if rows == 1 {
             Self::Revoked
         } else {
@@ -223,11 +223,11 @@ pub enum Change {
 
 /// How many changes the feed buffers for a slow subscriber; one that falls further behind
 /// is told to forget everything (`RecvError::Lagged`), so nothing is ever missed silently.
-pub const CHANGE_FEED_CAPACITY: usize = 4096;
+pub(crate) const CHANGE_FEED_CAPACITY: usize = 4096;
 
 /// Aborts a background task when dropped, so none outlives the handle that owns it.
 #[derive(Debug)]
-pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -294,11 +294,6 @@ impl DatabaseTarget {
         }
         Err("the database URL must start with sqlite:// or postgres://".into())
     }
-
-    /// The default: `<data dir>/credgate.db`.
-    pub fn default_in(data_dir: &Path) -> Self {
-        Self::Sqlite(data_dir.join("credgate.db"))
-    }
 }
 
 /// Connection settings that apply to every backend.
@@ -313,8 +308,8 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         Self {
-            max_connections: 16,
-            timeout: Duration::from_secs(5),
+            max_connections: crate::config::DEFAULT_DB_MAX_CONNECTIONS,
+            timeout: crate::config::DEFAULT_DB_TIMEOUT,
         }
     }
 }

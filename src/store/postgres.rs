@@ -24,7 +24,7 @@ use crate::telemetry::Metrics;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The notification channel the schema's trigger sends on.
-pub const CHANNEL: &str = "credgate_credential_changed";
+pub(crate) const CHANNEL: &str = "credgate_credential_changed";
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);

@@ -7,6 +7,9 @@
 //! of which includes only the modules it uses. This binary includes every one of them and
 //! allows no dead code: a helper no test uses is reported here.
 
+// A test crate has no public API: its helpers are `pub` only to be shared between modules.
+#![allow(unreachable_pub)]
+
 #[path = "../helpers"]
 mod helpers {
     pub mod app;
