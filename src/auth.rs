@@ -35,7 +35,7 @@ pub enum AuthOutcome {
 }
 
 impl AuthOutcome {
-    /// The `result` label of every outcome, in [`AuthOutcome::index`] order.
+    /// The `result` label of every outcome, in declaration order of the variants.
     pub const LABELS: [&'static str; 6] = [
         "ok",
         "rejected_form",

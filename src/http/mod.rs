@@ -4,7 +4,7 @@
 //! per-request timeout → the authentication guard → routing → the route. The guard runs
 //! before routing, so unknown routes and wrong methods answer an anonymous caller with the
 //! same 401 as everything else, without an `Allow` header. Which routes are open is decided
-//! where each route is declared, in [`table`]; every other request needs a credential.
+//! where each route is declared, in `table()`; every other request needs a credential.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
