@@ -434,4 +434,60 @@ mod tests {
         .expect("the change was not applied");
         race.finish().await;
     }
+
+    #[tokio::test]
+    async fn the_revoking_instance_skips_the_echo_of_its_own_revocation() {
+        let store = Arc::new(HeldStore {
+            state: Mutex::new(KeyState::Active),
+            // Past the first lookup: nothing is held.
+            lookups: AtomicUsize::new(1),
+            read: Notify::new(),
+            release: Notify::new(),
+            changes: broadcast::channel(16).0,
+        });
+        let cache = CacheSettings {
+            ttl: Duration::from_secs(300),
+            capacity: 100,
+        };
+        let deriver = SecretDeriver::new(&MasterKey::from_bytes([7; 32]));
+        let auth = Authenticator::new(
+            deriver,
+            store.clone(),
+            cache,
+            Metrics::new().expect("metrics"),
+        );
+        let epoch = || auth.inner.epoch.load(Ordering::Acquire);
+        let (revoked, other) = (ApiKey::generate(), ApiKey::generate());
+        auth.forget_revoked(&revoked).await;
+        let after_forget = epoch();
+        // The echo, then a change made elsewhere: the feed is ordered, so once the second is
+        // applied the first has been seen, and skipped.
+        for key in [&revoked, &other] {
+            store
+                .changes
+                .send(Change::Key(key.as_str().to_owned()))
+                .expect("a subscriber");
+        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while epoch() == after_forget {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the feed was not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(epoch(), after_forget + 1, "the echo was applied as well");
+        // A second echo of the same key is a change made elsewhere again: applied.
+        store
+            .changes
+            .send(Change::Key(revoked.as_str().to_owned()))
+            .expect("a subscriber");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while epoch() == after_forget + 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("a later change was skipped");
+    }
 }
