@@ -344,6 +344,29 @@ mod tests {
         }
     }
 
+    fn deriver() -> SecretDeriver {
+        SecretDeriver::new(&MasterKey::from_bytes([7; 32]))
+    }
+
+    /// A [`HeldStore`] answering "active" that has already served `lookups` lookups (the
+    /// first one is held), and an authenticator with a cache over it.
+    fn held(lookups: usize) -> (Arc<HeldStore>, Authenticator) {
+        let store = Arc::new(HeldStore {
+            state: Mutex::new(KeyState::Active),
+            lookups: AtomicUsize::new(lookups),
+            read: Notify::new(),
+            release: Notify::new(),
+            changes: broadcast::channel(16).0,
+        });
+        let cache = CacheSettings {
+            ttl: Duration::from_secs(300),
+            capacity: 100,
+        };
+        let metrics = Metrics::new().expect("metrics");
+        let auth = Authenticator::new(deriver(), store.clone(), cache, metrics);
+        (store, auth)
+    }
+
     /// An authentication of an active key whose lookup has read "active" and not yet
     /// answered, while the key is revoked in the store.
     struct Race {
@@ -356,22 +379,9 @@ mod tests {
 
     impl Race {
         async fn start() -> Self {
-            let store = Arc::new(HeldStore {
-                state: Mutex::new(KeyState::Active),
-                lookups: AtomicUsize::new(0),
-                read: Notify::new(),
-                release: Notify::new(),
-                changes: broadcast::channel(16).0,
-            });
-            let deriver = SecretDeriver::new(&MasterKey::from_bytes([7; 32]));
+            let (store, auth) = held(0);
             let key = ApiKey::generate();
-            let secret = deriver.secret_for(&key).expose();
-            let cache = CacheSettings {
-                ttl: Duration::from_secs(300),
-                capacity: 100,
-            };
-            let metrics = Metrics::new().expect("metrics");
-            let auth = Authenticator::new(deriver, store.clone(), cache, metrics);
+            let secret = deriver().secret_for(&key).expose();
             let first = tokio::spawn({
                 let (auth, key, secret) = (auth.clone(), key.clone(), secret.clone());
                 async move { auth.authenticate(Some(key.as_str()), Some(&secret)).await }
@@ -437,25 +447,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_revoking_instance_skips_the_echo_of_its_own_revocation() {
-        let store = Arc::new(HeldStore {
-            state: Mutex::new(KeyState::Active),
-            // Past the first lookup: nothing is held.
-            lookups: AtomicUsize::new(1),
-            read: Notify::new(),
-            release: Notify::new(),
-            changes: broadcast::channel(16).0,
-        });
-        let cache = CacheSettings {
-            ttl: Duration::from_secs(300),
-            capacity: 100,
-        };
-        let deriver = SecretDeriver::new(&MasterKey::from_bytes([7; 32]));
-        let auth = Authenticator::new(
-            deriver,
-            store.clone(),
-            cache,
-            Metrics::new().expect("metrics"),
-        );
+        // Past the first lookup: nothing is held.
+        let (store, auth) = held(1);
         let epoch = || auth.inner.epoch.load(Ordering::Acquire);
         let (revoked, other) = (ApiKey::generate(), ApiKey::generate());
         auth.forget_revoked(&revoked).await;

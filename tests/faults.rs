@@ -110,6 +110,26 @@ struct Ledger {
 }
 
 impl Ledger {
+    /// Revokes the `target`-th acknowledged registration as the first one; asserts 200 and
+    /// records it. Returns the revoked pair.
+    async fn revoke(&mut self, server: &ServerProcess, target: usize) -> Pair {
+        let (admin, target) = (self.registered[0].clone(), self.registered[target].clone());
+        assert_eq!(
+            server.revoke(&target.key, &admin).await.status(),
+            StatusCode::OK
+        );
+        self.revoked.push(target.clone());
+        target
+    }
+
+    /// Kills the server (no graceful anything), starts it again on the same files and checks
+    /// every acknowledged write against it.
+    async fn check_after_kill(&self, mut server: ServerProcess, data: &Path, key: &Path) {
+        assert!(!server.signal_and_wait(libc::SIGKILL).success());
+        let server = serve(data, key);
+        self.check(&server).await;
+    }
+
     /// Registers a fresh pair; records it when the answer is 201.
     async fn register(&mut self, server: &ServerProcess) -> StatusCode {
         let pair = mint();
@@ -195,6 +215,11 @@ fn logged_error(server: &ServerProcess, word: &str) -> bool {
 /// The message of the one event the service logs when writes start failing.
 const WRITES_FAILING: &str = "SQLite writes are failing";
 
+/// Writes failed for a while: the log says so once, not per write or per probe.
+fn assert_one_failure_line(server: &ServerProcess) {
+    assert_eq!(count_events(server, WRITES_FAILING), 1, "{}", server.logs());
+}
+
 #[tokio::test]
 async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space() {
     if !is_root() {
@@ -208,7 +233,7 @@ async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space()
     };
     let key = key_file(dir.path());
     let data = disk.0.join("data");
-    let mut server = serve(&data, &key);
+    let server = serve(&data, &key);
     let mut ledger = Ledger::default();
     assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
 
@@ -244,25 +269,10 @@ async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space()
     for _ in 0..20 {
         assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
     }
-    let admin = ledger.registered[0].clone();
-    let target = ledger.registered[ledger.registered.len() - 1].clone();
-    assert_eq!(
-        server.revoke(&target.key, &admin).await.status(),
-        StatusCode::OK
-    );
-    ledger.revoked.push(target.clone());
+    let target = ledger.revoke(&server, ledger.registered.len() - 1).await;
     assert_eq!(server.verify(&target).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        count_events(&server, WRITES_FAILING),
-        1,
-        "{}",
-        server.logs()
-    );
-
-    assert!(!server.signal_and_wait(libc::SIGKILL).success());
-    let server = serve(&data, &key);
-    ledger.check(&server).await;
-    drop(server);
+    assert_one_failure_line(&server);
+    ledger.check_after_kill(server, &data, &key).await;
     drop(disk);
 }
 
@@ -273,7 +283,7 @@ async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover
         return;
     }
     let (_dir, key, data) = deployment();
-    let mut server = serve(&data, &key);
+    let server = serve(&data, &key);
     let mut ledger = Ledger::default();
     for _ in 0..10 {
         assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
@@ -314,22 +324,9 @@ async fn unwritable_database_files_lose_no_acknowledged_write_and_writes_recover
     for _ in 0..20 {
         assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
     }
-    let (admin, target) = (ledger.registered[0].clone(), ledger.registered[2].clone());
-    assert_eq!(
-        server.revoke(&target.key, &admin).await.status(),
-        StatusCode::OK
-    );
-    ledger.revoked.push(target);
-    assert_eq!(
-        count_events(&server, WRITES_FAILING),
-        1,
-        "{}",
-        server.logs()
-    );
-
-    assert!(!server.signal_and_wait(libc::SIGKILL).success());
-    let server = serve(&data, &key);
-    ledger.check(&server).await;
+    ledger.revoke(&server, 2).await;
+    assert_one_failure_line(&server);
+    ledger.check_after_kill(server, &data, &key).await;
 }
 
 #[tokio::test]
@@ -359,12 +356,7 @@ async fn a_database_file_deleted_under_the_server_gets_no_acknowledged_write() {
     assert_eq!(ledger.registered.len(), before);
     // The file was not recreated behind the operator's back.
     assert!(!data.join("credgate.db").exists());
-    assert_eq!(
-        count_events(&server, WRITES_FAILING),
-        1,
-        "{}",
-        server.logs()
-    );
+    assert_one_failure_line(&server);
     assert!(logged_error(&server, "deleted"), "{}", server.logs());
 }
 

@@ -87,6 +87,20 @@ async fn revoke_with_cli(server: &ServerProcess, url: &str, pair: &Pair) {
     );
 }
 
+/// `credgate serve` on the database at `url`, with the test master key written into `dir`.
+fn serve_on(url: &str, dir: &Path) -> ServerProcess {
+    let key_file = dir.join("m.key");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    ServerProcess::start(&[
+        "--database-url",
+        url,
+        "--master-key-file",
+        key_file.to_str().unwrap(),
+        "--data-dir",
+        dir.join("data").to_str().unwrap(),
+    ])
+}
+
 #[tokio::test]
 async fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -417,16 +431,7 @@ async fn migrate_list_and_revoke_work_on_the_database_directly() {
     assert_eq!(stdout(&out), "");
 
     // A running server on that file, a credential cached in it, then a CLI revocation.
-    let key_file = dir.path().join("m.key");
-    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
-    let server = ServerProcess::start(&[
-        "--database-url",
-        &url,
-        "--master-key-file",
-        key_file.to_str().unwrap(),
-        "--data-dir",
-        dir.path().join("data").to_str().unwrap(),
-    ]);
+    let server = serve_on(&url, dir.path());
     let (a, b) = (mint(), mint());
     assert_eq!(server.register(&a).await.status(), StatusCode::CREATED);
     assert_eq!(server.register(&b).await.status(), StatusCode::CREATED);
@@ -460,16 +465,7 @@ async fn serve_and_the_direct_commands_work_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let out = run(&["migrate", "--database-url", &url]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let key_file = dir.path().join("m.key");
-    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
-    let server = ServerProcess::start(&[
-        "--database-url",
-        &url,
-        "--master-key-file",
-        key_file.to_str().unwrap(),
-        "--data-dir",
-        dir.path().join("data").to_str().unwrap(),
-    ]);
+    let server = serve_on(&url, dir.path());
     let ready = eventually(Duration::from_secs(10), || async {
         server.ready().await == StatusCode::OK
     })
