@@ -6,22 +6,82 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moka::future::Cache;
 use prometheus::IntCounter;
 use tokio::sync::broadcast;
 
+use crate::attributes::{Interner, ScopeSet};
 use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
-use crate::store::{AbortOnDrop, Change, CredentialStore, KeyState, StoreError};
+use crate::store::{AbortOnDrop, AuthRecord, Change, CredentialStore, StoreError};
 use crate::telemetry::Metrics;
+
+/// What an authenticated credential may do and whom it belongs to. Shared between every
+/// cached credential with the same scopes and owner, so 100 000 cached credentials of a few
+/// kinds cost a few profiles.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Profile {
+    scopes: ScopeSet,
+    owner: Option<bytes::Bytes>,
+}
+
+impl Profile {
+    /// The credential's scopes.
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.scopes
+    }
+
+    /// The credential's owner, as stored (the bytes of a header value, shared).
+    pub fn owner(&self) -> Option<&bytes::Bytes> {
+        self.owner.as_ref()
+    }
+}
+
+/// An authenticated caller: the key it presented and what the credential may do.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The credential's key.
+    pub key: ApiKey,
+    /// Its scopes and owner.
+    pub profile: Arc<Profile>,
+}
+
+impl Caller {
+    /// Whether the caller holds `scope` (or `*`).
+    pub fn holds(&self, scope: &str) -> bool {
+        self.profile.scopes.holds(scope)
+    }
+}
+
+/// A cached authentication: who, and until when it may be trusted. Small on purpose: the
+/// cache holds up to 100 000 of them.
+#[derive(Clone)]
+struct Entry {
+    profile: Arc<Profile>,
+    /// `expires_at` in milliseconds since the epoch; `i64::MAX` when it never expires.
+    expires_ms: i64,
+}
+
+impl Entry {
+    fn is_expired(&self) -> bool {
+        // The clock is read only for credentials that expire.
+        self.expires_ms != i64::MAX && now_ms() >= self.expires_ms
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
 
 /// How an authentication ended: one enum for the metric, the log and the caller's answer.
 /// The rejections are told apart only in metrics; a caller sees one 401 for all of them.
 #[derive(Debug, Clone)]
 pub enum AuthOutcome {
-    /// A registered, active credential.
-    Authenticated(ApiKey),
+    /// A registered, active, unexpired credential.
+    Authenticated(Caller),
     /// A header missing, repeated or malformed.
     RejectedForm,
     /// The secret is not the derivation of the key.
@@ -30,18 +90,21 @@ pub enum AuthOutcome {
     RejectedUnknown,
     /// Well-formed pair, key revoked.
     RejectedRevoked,
+    /// Well-formed pair, key past its `expires_at`.
+    RejectedExpired,
     /// The database failed: neither accepted nor rejected.
     Failed(StoreError),
 }
 
 impl AuthOutcome {
     /// The `result` label of every outcome, in declaration order of the variants.
-    pub const LABELS: [&'static str; 6] = [
+    pub const LABELS: [&'static str; 7] = [
         "ok",
         "rejected_form",
         "rejected_derivation",
         "rejected_unknown",
         "rejected_revoked",
+        "rejected_expired",
         "error",
     ];
 
@@ -52,7 +115,8 @@ impl AuthOutcome {
             Self::RejectedDerivation => 2,
             Self::RejectedUnknown => 3,
             Self::RejectedRevoked => 4,
-            Self::Failed(_) => 5,
+            Self::RejectedExpired => 5,
+            Self::Failed(_) => 6,
         }
     }
 
@@ -83,13 +147,15 @@ struct Inner {
     /// Keys known active; `None` when caching is disabled. Hashed with foldhash rather than
     /// SipHash: only keys whose secret passed the HMAC check get here, so nobody without the
     /// master key can choose colliding keys.
-    cache: Option<Cache<ApiKey, (), foldhash::fast::RandomState>>,
+    cache: Option<Cache<ApiKey, Entry, foldhash::fast::RandomState>>,
+    /// Shares profiles between cached credentials.
+    profiles: Interner<Profile>,
     /// Bumped on every invalidation, so a lookup that raced a revocation does not cache
     /// what it read before the revocation committed.
     epoch: AtomicU64,
     metrics: Metrics,
     /// One counter per outcome, resolved once: the auth path does no label lookup.
-    outcomes: [IntCounter; 6],
+    outcomes: [IntCounter; 7],
     /// Keys this instance revoked and already dropped, whose echo from the change feed is
     /// still to come: the echo is skipped rather than invalidating twice (see
     /// [`Authenticator::forget_revoked`] for why that is safe).
@@ -122,6 +188,7 @@ impl Authenticator {
             deriver,
             store,
             cache,
+            profiles: Interner::default(),
             epoch: AtomicU64::new(0),
             metrics,
             outcomes,
@@ -138,14 +205,14 @@ impl Authenticator {
     /// a header is missing or unusable (repeated, not text).
     pub async fn authenticate(&self, key: Option<&str>, secret: Option<&str>) -> AuthOutcome {
         let outcome = match self.check(key, secret).await {
-            Ok(key) => AuthOutcome::Authenticated(key),
+            Ok(caller) => AuthOutcome::Authenticated(caller),
             Err(outcome) => outcome,
         };
         self.inner.outcomes[outcome.index()].inc();
         outcome
     }
 
-    async fn check(&self, key: Option<&str>, secret: Option<&str>) -> Result<ApiKey, AuthOutcome> {
+    async fn check(&self, key: Option<&str>, secret: Option<&str>) -> Result<Caller, AuthOutcome> {
         let key = key
             .and_then(|v| ApiKey::parse(v).ok())
             .ok_or(AuthOutcome::RejectedForm)?;
@@ -157,35 +224,58 @@ impl Authenticator {
         }
         let Some(cache) = &self.inner.cache else {
             self.inner.metrics.cache_miss();
-            return self.load(&key).await.map(|()| key);
+            let entry = self.load(&key).await?;
+            return Ok(Caller {
+                key,
+                profile: entry.profile,
+            });
         };
-        if cache.get(&key).await.is_some() {
-            self.inner.metrics.cache_hit();
-            return Ok(key);
-        }
-        self.inner.metrics.cache_miss();
-        let epoch = self.inner.epoch.load(Ordering::Acquire);
-        // Concurrent misses on one key share this one lookup; errors are not cached.
-        let entry = cache
-            .entry(key.clone())
-            .or_try_insert_with(self.load(&key))
-            .await
-            .map_err(|e| (*e).clone())?;
-        if entry.is_fresh() && self.inner.epoch.load(Ordering::Acquire) != epoch {
-            // A revocation landed while we were reading: the answer may predate it.
+        let entry = match cache.get(&key).await {
+            Some(entry) => {
+                self.inner.metrics.cache_hit();
+                entry
+            }
+            None => {
+                self.inner.metrics.cache_miss();
+                let epoch = self.inner.epoch.load(Ordering::Acquire);
+                // Concurrent misses on one key share this one lookup; errors are not cached.
+                let entry = cache
+                    .entry(key.clone())
+                    .or_try_insert_with(self.load(&key))
+                    .await
+                    .map_err(|e| (*e).clone())?;
+                if entry.is_fresh() && self.inner.epoch.load(Ordering::Acquire) != epoch {
+                    // A change landed while we were reading: the answer may predate it.
+                    cache.invalidate(&key).await;
+                }
+                entry.into_value()
+            }
+        };
+        // No cache trusts an entry past its credential's expiry (SPEC §7.5).
+        if entry.is_expired() {
             cache.invalidate(&key).await;
+            return Err(AuthOutcome::RejectedExpired);
         }
-        Ok(key)
+        Ok(Caller {
+            key,
+            profile: entry.profile,
+        })
     }
 
-    async fn load(&self, key: &ApiKey) -> Result<(), AuthOutcome> {
-        match self.inner.store.state(key).await {
-            Ok(KeyState::Active) => Ok(()),
-            Ok(KeyState::Revoked) => Err(AuthOutcome::RejectedRevoked),
-            Ok(KeyState::Unknown) => Err(AuthOutcome::RejectedUnknown),
+    async fn load(&self, key: &ApiKey) -> Result<Entry, AuthOutcome> {
+        match self.inner.store.lookup(key).await {
+            Ok(Some(record)) => self.inner.entry(record),
+            Ok(None) => Err(AuthOutcome::RejectedUnknown),
             // Logged where the 500 is answered, with its cause.
             Err(e) => Err(AuthOutcome::Failed(e)),
         }
+    }
+
+    /// Drops `key` from the cache at once, after this instance changed its scopes, expiry or
+    /// owner. The change feed's echo is applied too: unlike a revoked key, an updated one may
+    /// be cached again in between.
+    pub async fn forget(&self, key: &ApiKey) {
+        self.inner.apply(Change::Key(key.as_str().to_owned())).await;
     }
 
     /// Drops `key` from the cache at once, after this instance revoked it. Only for
@@ -215,6 +305,31 @@ impl Authenticator {
 }
 
 impl Inner {
+    /// The cache entry for a stored credential, or why it does not authenticate.
+    fn entry(&self, record: AuthRecord) -> Result<Entry, AuthOutcome> {
+        if !record.active {
+            return Err(AuthOutcome::RejectedRevoked);
+        }
+        let expires_ms = record.expires_at.map_or(i64::MAX, |t| t.timestamp_millis());
+        if expires_ms != i64::MAX && now_ms() >= expires_ms {
+            return Err(AuthOutcome::RejectedExpired);
+        }
+        // Length-prefixed owner, then the scopes: one string per distinct profile.
+        let owner = record.owner.as_deref();
+        let id = match owner {
+            Some(owner) => format!("{}:{owner}{}", owner.len(), record.scopes),
+            None => format!("-{}", record.scopes),
+        };
+        let profile = self.profiles.get(&id, || Profile {
+            scopes: ScopeSet::from_stored(&record.scopes),
+            owner: owner.map(|o| bytes::Bytes::copy_from_slice(o.as_bytes())),
+        });
+        Ok(Entry {
+            profile,
+            expires_ms,
+        })
+    }
+
     fn forgotten(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<ApiKey>> {
         // A plain set: a panic elsewhere cannot leave it half-updated.
         self.forgotten.lock().unwrap_or_else(|p| p.into_inner())
@@ -282,13 +397,16 @@ mod tests {
 
     use super::*;
     use crate::credential::MasterKey;
-    use crate::store::{CredentialRecord, ListQuery, Registration, Revocation};
+    use crate::store::{
+        CredentialRecord, ListQuery, NewCredential, Registration, Revocation, Update, Updated,
+    };
 
     /// A store with one answer for every key. It counts lookups, and holds the first one
     /// between reading its answer and returning it until the test releases it: a lookup that
     /// read the database just before a revocation committed and answers just after.
     struct HeldStore {
-        state: Mutex<KeyState>,
+        /// Whether the key is active.
+        state: Mutex<bool>,
         lookups: AtomicUsize,
         /// Signalled once the first lookup has read its answer.
         read: Notify,
@@ -299,13 +417,18 @@ mod tests {
 
     #[async_trait]
     impl CredentialStore for HeldStore {
-        async fn state(&self, _key: &ApiKey) -> Result<KeyState, StoreError> {
-            let answer = *self.state.lock().expect("state");
+        async fn lookup(&self, _key: &ApiKey) -> Result<Option<AuthRecord>, StoreError> {
+            let active = *self.state.lock().expect("state");
             if self.lookups.fetch_add(1, Ordering::SeqCst) == 0 {
                 self.read.notify_one();
                 self.release.notified().await;
             }
-            Ok(answer)
+            Ok(Some(AuthRecord {
+                active,
+                scopes: "*".into(),
+                owner: None,
+                expires_at: None,
+            }))
         }
 
         fn subscribe(&self) -> broadcast::Receiver<Change> {
@@ -315,7 +438,11 @@ mod tests {
         async fn close(&self) {}
 
         // The authenticator only looks keys up.
-        async fn register(&self, _key: &ApiKey) -> Result<Registration, StoreError> {
+        async fn register(&self, _new: &NewCredential) -> Result<Registration, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn update(&self, _key: &ApiKey, _update: &Update) -> Result<Updated, StoreError> {
             unreachable!("not used by the authenticator")
         }
 
@@ -352,7 +479,7 @@ mod tests {
     /// first one is held), and an authenticator with a cache over it.
     fn held(lookups: usize) -> (Arc<HeldStore>, Authenticator) {
         let store = Arc::new(HeldStore {
-            state: Mutex::new(KeyState::Active),
+            state: Mutex::new(true),
             lookups: AtomicUsize::new(lookups),
             read: Notify::new(),
             release: Notify::new(),
@@ -387,7 +514,7 @@ mod tests {
                 async move { auth.authenticate(Some(key.as_str()), Some(&secret)).await }
             });
             store.read.notified().await;
-            *store.state.lock().expect("state") = KeyState::Revoked;
+            *store.state.lock().expect("state") = false;
             Self {
                 store,
                 auth,

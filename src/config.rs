@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::attributes::Scopes;
 use crate::connections;
 use crate::credential::{MasterKey, MasterKeyFormatError};
 use crate::store::{DatabaseTarget, StoreSettings};
@@ -59,6 +60,12 @@ pub const DEFAULT_DB_MAX_CONNECTIONS: u32 = 16;
 /// Default longest a database query may run, or wait for a connection.
 pub const DEFAULT_DB_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Default scopes of a credential registered without a `scopes` field: every scope.
+pub const DEFAULT_REGISTRATION_SCOPES: &str = "*";
+
+/// Default: registration needs no credential (SPEC §2).
+pub const DEFAULT_OPEN_REGISTRATION: bool = true;
+
 /// Default log line format of `serve`.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 
@@ -91,6 +98,50 @@ pub struct Config {
     /// Most HTTP connections open at once; `None` derives it from the open-file limit and the
     /// database (see [`Config::max_connections()`]).
     pub max_connections: Option<u32>,
+    /// Who may register, with which scopes, and what `/auth/verify` answers.
+    pub policy: Policy,
+}
+
+/// The privilege settings (SPEC §7.3, §7.4). The defaults keep the seed's model: anyone with a
+/// valid pair registers it, and every credential may do everything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Scopes of a credential registered without a `scopes` field (`--registration-scopes`).
+    pub registration_scopes: Scopes,
+    /// Whether `POST /credentials` needs no credential (`--open-registration`).
+    pub open_registration: bool,
+    /// What a successful `/auth/verify` answers (`--verify-ok-status`).
+    pub verify_ok_status: VerifyStatus,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            registration_scopes: Scopes::parse_list(DEFAULT_REGISTRATION_SCOPES)
+                .unwrap_or_default(),
+            open_registration: DEFAULT_OPEN_REGISTRATION,
+            verify_ok_status: VerifyStatus::NoContent,
+        }
+    }
+}
+
+/// The success status of `/auth/verify`: 204 by default; Envoy's `ext_authz` needs 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyStatus {
+    /// 200 OK.
+    Ok,
+    /// 204 No Content.
+    NoContent,
+}
+
+impl VerifyStatus {
+    /// The status code.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Ok => 200,
+            Self::NoContent => 204,
+        }
+    }
 }
 
 impl Config {
@@ -108,6 +159,7 @@ impl Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             store: StoreSettings::default(),
             max_connections: None,
+            policy: Policy::default(),
         }
     }
 

@@ -30,6 +30,7 @@ const SECRET_CHARS: usize = 43;
 
 const HKDF_SALT: &[u8] = b"credgate/v1";
 const HKDF_INFO: &[u8] = b"api-secret-derivation";
+const KEY_ID_INFO: &[u8] = b"credgate key id";
 
 /// Why a presented key or secret is not well formed. The text is safe to show a caller:
 /// it never contains the presented value.
@@ -202,6 +203,8 @@ impl fmt::Debug for MasterKey {
 pub struct SecretDeriver {
     /// HMAC keyed with `K`, cloned per derivation so the key schedule is computed once.
     mac: Hmac<Sha256>,
+    /// The master key's public id (SPEC §8.3).
+    key_id: String,
 }
 
 impl SecretDeriver {
@@ -213,7 +216,16 @@ impl SecretDeriver {
             Ok(mac) => mac,
             Err(_) => unreachable!("HMAC takes keys of any length"),
         };
-        Self { mac }
+        let mut id = mac.clone();
+        id.update(KEY_ID_INFO);
+        let key_id = hex::encode(&id.finalize().into_bytes()[..8]);
+        Self { mac, key_id }
+    }
+
+    /// The master key's id: the first 16 hex characters of `HMAC-SHA256(K, "credgate key id")`.
+    /// Public: it names the key without revealing it.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
     }
 
     /// The secret that belongs to `key`.

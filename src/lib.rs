@@ -10,7 +10,8 @@
 //!   when `accept` fails.
 //! - [`http`] holds the router, the middleware stack and the handlers, with one error type.
 //! - [`auth`] authenticates a request: form → derivation → cache → database.
-//! - [`credential`] parses keys and secrets and does the derivation.
+//! - [`credential`] parses keys and secrets and does the derivation; [`attributes`] parses
+//!   the rest of a credential (scopes, owner, expiry…).
 //! - [`store`] is the storage seam (`CredentialStore`) and its SQLite and PostgreSQL
 //!   backends.
 //! - [`config`] holds the configuration and the master key sources.
@@ -19,6 +20,7 @@
 //! The `credgate` command line belongs to the binary (`src/main.rs`, `src/cli/`), not to the
 //! library.
 
+pub mod attributes;
 pub mod auth;
 pub mod config;
 pub(crate) mod connections;

@@ -71,6 +71,7 @@ impl Application {
             auth: auth.clone(),
             store: store.clone(),
             metrics,
+            policy: std::sync::Arc::new(config.policy.clone()),
         };
         let max_connections = config.max_connections();
         let database_descriptors = connections::database_descriptors(&target, &config.store);

@@ -27,6 +27,7 @@ pub(super) async fn run(args: ListArgs) -> anyhow::Result<ExitCode> {
         after: None,
         active: args.active,
         limit: PAGE,
+        ..ListQuery::default()
     };
     loop {
         let page = store.list(&query).await?;

@@ -7,10 +7,12 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::{DatabaseArgs, MasterKeyArgs};
+use credgate::attributes::Scopes;
 use credgate::config::{
     Config, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, DEFAULT_DB_MAX_CONNECTIONS,
     DEFAULT_DB_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG_FORMAT,
-    DEFAULT_LOG_LEVEL, DEFAULT_REQUEST_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_CONNECTIONS,
+    DEFAULT_LOG_LEVEL, DEFAULT_OPEN_REGISTRATION, DEFAULT_REGISTRATION_SCOPES,
+    DEFAULT_REQUEST_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_CONNECTIONS, Policy, VerifyStatus,
 };
 use credgate::startup::{self, Application};
 use credgate::store::StoreSettings;
@@ -65,6 +67,20 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "CREDGATE_DB_TIMEOUT", default_value_t = DEFAULT_DB_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
     db_timeout: u64,
+    /// Scopes of a credential registered without a `scopes` field, comma-separated ('' for
+    /// none: such a credential manages only itself).
+    #[arg(long, env = "CREDGATE_REGISTRATION_SCOPES",
+          default_value = DEFAULT_REGISTRATION_SCOPES, value_parser = Scopes::parse_list)]
+    registration_scopes: Scopes,
+    /// Whether `POST /credentials` needs no credential; `false` requires one holding
+    /// `credentials:write`.
+    #[arg(long, env = "CREDGATE_OPEN_REGISTRATION", default_value_t = DEFAULT_OPEN_REGISTRATION,
+          action = clap::ArgAction::Set)]
+    open_registration: bool,
+    /// Status of a successful `/auth/verify`: 204, or 200 (Envoy's ext_authz needs 200).
+    #[arg(long, env = "CREDGATE_VERIFY_OK_STATUS", default_value = "204",
+          value_parser = ["200", "204"])]
+    verify_ok_status: String,
     /// Log format.
     #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum,
           default_value_t = LogFormatArg::from(DEFAULT_LOG_FORMAT))]
@@ -121,6 +137,15 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_secs(args.db_timeout),
         },
         max_connections: args.max_connections,
+        policy: Policy {
+            registration_scopes: args.registration_scopes,
+            open_registration: args.open_registration,
+            verify_ok_status: if args.verify_ok_status == "200" {
+                VerifyStatus::Ok
+            } else {
+                VerifyStatus::NoContent
+            },
+        },
     };
     let shutdown = startup::shutdown_signal()?;
     let app = Application::build(config).await?;

@@ -2,7 +2,7 @@
 //! `{"error": {"code", "message"}}` body SPEC §2 fixes for every error.
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
@@ -20,6 +20,12 @@ pub enum ApiError {
     /// 403: a well-formed pair whose secret is not the derivation of its key.
     #[error("api_secret is not valid for api_key")]
     InvalidCredential,
+    /// 403: the credential is valid but lacks the scope an action needs.
+    #[error("this credential lacks the scope {0:?}")]
+    InsufficientScope(String),
+    /// 409: the credential is revoked and cannot change.
+    #[error("the credential is revoked")]
+    CredentialRevoked,
     /// 404: the credential is unknown (or, on revoke, already revoked).
     #[error("credential not found")]
     CredentialNotFound,
@@ -58,7 +64,8 @@ impl ApiError {
         match self {
             Self::InvalidField(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::InvalidCredential => StatusCode::FORBIDDEN,
+            Self::InvalidCredential | Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
+            Self::CredentialRevoked => StatusCode::CONFLICT,
             Self::CredentialNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -76,6 +83,8 @@ impl ApiError {
             Self::InvalidField(_) => "INVALID_FIELD",
             Self::Unauthorized => "UNAUTHORIZED",
             Self::InvalidCredential => "INVALID_CREDENTIAL",
+            Self::InsufficientScope(_) => "INSUFFICIENT_SCOPE",
+            Self::CredentialRevoked => "CREDENTIAL_REVOKED",
             Self::CredentialNotFound => "CREDENTIAL_NOT_FOUND",
             Self::NotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",
@@ -86,6 +95,11 @@ impl ApiError {
             Self::Internal | Self::Store(_) => "INTERNAL_ERROR",
             Self::NotReady => "NOT_READY",
         }
+    }
+
+    /// A 403 for a missing scope.
+    pub fn scope(scope: &str) -> Self {
+        Self::InsufficientScope(scope.to_owned())
     }
 
     /// A 400 for a named field.
@@ -107,6 +121,14 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %e.report(), "request failed on the database");
         }
         let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Self::Unauthorized = self {
+            // RFC 9110 §11.6.1: a 401 names the scheme that would succeed.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"ApiKey realm="credgate""#),
+            );
+        }
+        response
     }
 }

@@ -1,25 +1,22 @@
 //! The authentication guard: reads the two credential headers, asks the authenticator, and
 //! either admits the request with its [`Caller`] in request extensions or answers for it.
-//! Requests the route table declares open pass without a credential.
+//! Public routes pass as they are; open ones pass without credential headers, and are
+//! authenticated like any other when they carry them. Scope checks per route ([`Need`])
+//! run after routing, where the route is known.
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, RawPathParams, Request, State};
 use axum::http::{HeaderMap, HeaderName};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{Access, ApiError};
-use crate::auth::{AuthOutcome, Authenticator};
-use crate::credential::ApiKey;
+use crate::auth::{AuthOutcome, Authenticator, Caller};
 
 /// Header carrying the api_key. (A `HeaderName`, not a `&str`: looking it up then needs no
 /// parsing on every request.)
 pub static KEY_HEADER: HeaderName = HeaderName::from_static("x-api-key");
 /// Header carrying the api_secret.
 pub static SECRET_HEADER: HeaderName = HeaderName::from_static("x-api-secret");
-
-/// The authenticated caller, put into request extensions by the guard.
-#[derive(Debug, Clone)]
-pub struct Caller(pub ApiKey);
 
 /// What the guard needs: who authenticates, and what is open.
 #[derive(Clone)]
@@ -43,10 +40,16 @@ pub(crate) async fn require_credential(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if guard.access.is_open(req.method(), req.uri().path()) {
-        return next.run(req).await;
-    }
     let headers = req.headers();
+    match guard.access.of(req.method(), req.uri().path()) {
+        Open::Public => return next.run(req).await,
+        Open::WithoutCredential
+            if !headers.contains_key(&KEY_HEADER) && !headers.contains_key(&SECRET_HEADER) =>
+        {
+            return next.run(req).await;
+        }
+        Open::WithoutCredential | Open::No => {}
+    }
     let outcome = guard
         .auth
         .authenticate(
@@ -55,14 +58,66 @@ pub(crate) async fn require_credential(
         )
         .await;
     match outcome {
-        AuthOutcome::Authenticated(key) => {
-            req.extensions_mut().insert(Caller(key));
+        AuthOutcome::Authenticated(caller) => {
+            req.extensions_mut().insert(caller);
             next.run(req).await
         }
         AuthOutcome::Failed(e) => ApiError::from(e).into_response(),
         // One answer for every rejection: the caller learns nothing about which part failed.
         _ => ApiError::Unauthorized.into_response(),
     }
+}
+
+/// Whether a request may go without a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Open {
+    /// Anyone, with or without credential headers (which are then ignored).
+    Public,
+    /// Anyone without credential headers; headers that are sent must be valid.
+    WithoutCredential,
+    /// Only with a valid credential.
+    No,
+}
+
+/// What a route needs of an authenticated caller beyond a valid credential (SPEC §7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// This scope (or `*`).
+    Scope(&'static str),
+    /// This scope, unless the path's `{api_key}` is the caller's own.
+    ScopeOrSelf(&'static str),
+}
+
+/// Answers 403 `INSUFFICIENT_SCOPE` to a caller without what the route needs. Runs after
+/// routing (as a route layer), so the route's path parameters are known.
+pub(crate) async fn require_scope(State(need): State<Need>, req: Request, next: Next) -> Response {
+    let Some(caller) = req.extensions().get::<Caller>() else {
+        // Only a route declared protected gets here, and the guard admitted it.
+        return ApiError::Unauthorized.into_response();
+    };
+    let (scope, self_allowed) = match need {
+        Need::Scope(scope) => (scope, false),
+        Need::ScopeOrSelf(scope) => (scope, true),
+    };
+    if caller.holds(scope) {
+        return next.run(req).await;
+    }
+    if self_allowed {
+        let own = caller.key.as_str().to_owned();
+        let (mut parts, body) = req.into_parts();
+        let is_self = RawPathParams::from_request_parts(&mut parts, &())
+            .await
+            .is_ok_and(|params| {
+                params
+                    .iter()
+                    .any(|(name, value)| name == "api_key" && value == own)
+            });
+        let req = Request::from_parts(parts, body);
+        if is_self {
+            return next.run(req).await;
+        }
+    }
+    ApiError::scope(scope).into_response()
 }
 
 /// The value of a header sent exactly once. A repeated header is refused even when its copies

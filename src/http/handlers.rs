@@ -14,10 +14,15 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value, json};
 
+use axum::http::HeaderName;
+use chrono::{DateTime, Utc};
+
 use super::Caller;
 use super::{ApiError, AppState};
+use crate::attributes::{self, Scopes, State as CredentialState, scope};
+use crate::config::VerifyStatus;
 use crate::credential::{ApiKey, ApiSecret};
-use crate::store::{ListQuery, Registration, Revocation};
+use crate::store::{ListQuery, NewCredential, Registration, Revocation, Update, Updated};
 
 pub(super) async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
@@ -46,23 +51,57 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 /// `POST /credentials`: the derivation is checked before the database is touched, so a
-/// forged pair learns nothing about which keys exist.
+/// forged pair learns nothing about which keys exist. Open to anyone unless
+/// `--open-registration false`; `owner`, `meta` and `scopes` need `credentials:write`, and
+/// nobody grants a scope they lack (SPEC §7.3).
 #[tracing::instrument(skip_all)]
 pub(super) async fn register(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let caller = caller.map(|Extension(caller)| caller);
+    let policy = &state.policy;
+    if caller.is_none() && !policy.open_registration {
+        return Err(ApiError::Unauthorized);
+    }
     require_json(&headers)?;
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
-        _ => ApiError::InvalidField("request body could not be read".into()),
-    })?;
-    let (key, secret) = parse_pair(&body)?;
-    if !state.auth.deriver().verify(&key, &secret) {
+    let body = read_body(body)?;
+    let fields = parse_object(&body)?;
+    let (key, secret) = parse_pair(&fields)?;
+    let attributes = Attributes::parse(&fields, Utc::now(), Fields::Registration)?;
+    let writes = caller
+        .as_ref()
+        .is_some_and(|c| c.holds(scope::CREDENTIALS_WRITE));
+    if (!policy.open_registration || attributes.needs_write()) && !writes {
+        return Err(ApiError::scope(scope::CREDENTIALS_WRITE));
+    }
+    let scopes = match &attributes.scopes {
+        Some(scopes) => scopes.clone(),
+        None => policy.registration_scopes.clone(),
+    };
+    // Defaults that anyone could get without headers are no grant; anything else is.
+    if let Some(caller) = &caller
+        && (attributes.scopes.is_some() || !policy.open_registration)
+        && let Some(missing) = scopes.first_missing(caller.profile.scopes())
+    {
+        return Err(ApiError::scope(missing));
+    }
+    let deriver = state.auth.deriver();
+    if !deriver.verify(&key, &secret) {
         return Err(ApiError::InvalidCredential);
     }
-    match state.store.register(&key).await? {
+    let new = NewCredential {
+        api_key: key.clone(),
+        name: attributes.name.flatten(),
+        owner: attributes.owner.flatten(),
+        meta: attributes.meta.unwrap_or_default(),
+        scopes,
+        expires_at: attributes.expires_at.flatten(),
+        master_key_id: Some(deriver.key_id().to_owned()),
+    };
+    match state.store.register(&new).await? {
         Registration::Created => {
             state.metrics.registered();
             tracing::info!(api_key = %key, "credential registered");
@@ -72,6 +111,154 @@ pub(super) async fn register(
             ))
         }
         Registration::Duplicate => Err(ApiError::DuplicateApiKey),
+    }
+}
+
+/// `PATCH /credentials/{api_key}` (`credentials:write`): each given field replaces the stored
+/// one; a change of scopes, expiry or owner reaches every cache like a revocation.
+#[tracing::instrument(skip_all, fields(caller = %caller.key))]
+pub(super) async fn update(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let key = path_key(path)?;
+    require_json(&headers)?;
+    let body = read_body(body)?;
+    let fields = parse_object(&body)?;
+    let attributes = Attributes::parse(&fields, Utc::now(), Fields::Update)?;
+    if let Some(missing) = attributes
+        .scopes
+        .as_ref()
+        .and_then(|s| s.first_missing(caller.profile.scopes()))
+    {
+        return Err(ApiError::scope(missing));
+    }
+    let update = Update {
+        name: attributes.name,
+        owner: attributes.owner,
+        meta: attributes.meta,
+        scopes: attributes.scopes,
+        expires_at: attributes.expires_at,
+    };
+    match state.store.update(&key, &update).await? {
+        Updated::Changed(record) => {
+            if update.touches_authentication() {
+                state.auth.forget(&key).await;
+            }
+            tracing::info!(api_key = %key, "credential updated");
+            Ok(Json(json!(record)))
+        }
+        Updated::NotFound => Err(ApiError::CredentialNotFound),
+        Updated::Revoked => Err(ApiError::CredentialRevoked),
+    }
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+        _ => ApiError::InvalidField("request body could not be read".into()),
+    })
+}
+
+/// Which body an [`Attributes`] is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fields {
+    /// `POST /credentials`: other fields (the pair, anything unknown) are ignored, as they
+    /// always were; `null` is the same as absent.
+    Registration,
+    /// `PATCH`: only attributes, at least one; `null` clears `name`, `owner`, `expires_at`.
+    Update,
+}
+
+/// The attributes a body gives (SPEC §7.1), each checked; `Some(None)` is an explicit null.
+#[derive(Debug, Default, PartialEq)]
+struct Attributes {
+    name: Option<Option<String>>,
+    owner: Option<Option<String>>,
+    meta: Option<Map<String, Value>>,
+    scopes: Option<Scopes>,
+    expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+const ATTRIBUTE_FIELDS: [&str; 5] = ["name", "owner", "meta", "scopes", "expires_at"];
+
+impl Attributes {
+    fn parse(
+        fields: &Map<String, Value>,
+        now: DateTime<Utc>,
+        kind: Fields,
+    ) -> Result<Self, ApiError> {
+        if kind == Fields::Update {
+            if let Some(unknown) = fields
+                .keys()
+                .find(|k| !ATTRIBUTE_FIELDS.contains(&k.as_str()))
+            {
+                return Err(ApiError::field(
+                    unknown,
+                    "is not a field that can be changed (name, owner, meta, scopes, expires_at)",
+                ));
+            }
+            if fields.is_empty() {
+                return Err(ApiError::InvalidField(
+                    "request body must give at least one of name, owner, meta, scopes, expires_at"
+                        .into(),
+                ));
+            }
+        }
+        // On registration, null is absent; on update, it clears (where that is allowed).
+        let given = |name: &str| -> Option<&Value> {
+            match fields.get(name) {
+                Some(Value::Null) if kind == Fields::Registration => None,
+                other => other,
+            }
+        };
+        let text = |name: &str, parse: fn(&str) -> Result<String, String>| {
+            given(name)
+                .map(|v| match v {
+                    Value::Null => Ok(None),
+                    Value::String(s) => parse(s).map(Some).map_err(|e| ApiError::field(name, e)),
+                    _ => Err(ApiError::field(name, "must be a string or null")),
+                })
+                .transpose()
+        };
+        let meta = given("meta")
+            .map(|v| attributes::parse_meta(v).map_err(|e| ApiError::field("meta", e)))
+            .transpose()?;
+        let scopes = given("scopes")
+            .map(|v| match v {
+                Value::Array(items) => {
+                    let items: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+                    let items = items
+                        .ok_or_else(|| ApiError::field("scopes", "must be an array of strings"))?;
+                    Scopes::new(items).map_err(|e| ApiError::field("scopes", e))
+                }
+                _ => Err(ApiError::field("scopes", "must be an array of strings")),
+            })
+            .transpose()?;
+        let expires_at = given("expires_at")
+            .map(|v| match v {
+                Value::Null => Ok(None),
+                Value::String(s) => attributes::parse_expiry(s, now)
+                    .map(Some)
+                    .map_err(|e| ApiError::field("expires_at", e)),
+                _ => Err(ApiError::field("expires_at", "must be a string or null")),
+            })
+            .transpose()?;
+        Ok(Self {
+            name: text("name", attributes::parse_name)?,
+            owner: text("owner", attributes::parse_owner)?,
+            meta,
+            scopes,
+            expires_at,
+        })
+    }
+
+    /// Whether setting these needs `credentials:write` on registration.
+    fn needs_write(&self) -> bool {
+        self.owner.is_some() || self.meta.is_some() || self.scopes.is_some()
     }
 }
 
@@ -88,10 +275,10 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// Parses a register body: one JSON object, no key repeated at any depth, with the two
-/// fields well formed. serde_json alone keeps the last of repeated keys; a proxy or firewall
-/// in front may keep the first and so judge another pair than the one registered here.
-fn parse_pair(body: &[u8]) -> Result<(ApiKey, ApiSecret), ApiError> {
+/// Parses a request body: one JSON object, no key repeated at any depth. serde_json alone
+/// keeps the last of repeated keys; a proxy or firewall in front may keep the first and so
+/// judge another request than the one served here.
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let duplicate = RefCell::new(Vec::new());
     let mut json = serde_json::Deserializer::from_slice(body);
     let value = UniqueKeys { path: &duplicate }
@@ -110,14 +297,19 @@ fn parse_pair(body: &[u8]) -> Result<(ApiKey, ApiSecret), ApiError> {
                 }
             }
         })?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::InvalidField(
+    match value {
+        Value::Object(fields) => Ok(fields),
+        _ => Err(ApiError::InvalidField(
             "request body must be a JSON object".into(),
-        ));
-    };
-    let key = ApiKey::parse(string_field(&fields, "api_key")?)
+        )),
+    }
+}
+
+/// The pair of a register body, both fields well formed.
+fn parse_pair(fields: &Map<String, Value>) -> Result<(ApiKey, ApiSecret), ApiError> {
+    let key = ApiKey::parse(string_field(fields, "api_key")?)
         .map_err(|e| ApiError::field("api_key", e))?;
-    let secret = ApiSecret::parse(string_field(&fields, "api_secret")?)
+    let secret = ApiSecret::parse(string_field(fields, "api_secret")?)
         .map_err(|e| ApiError::field("api_secret", e))?;
     Ok((key, secret))
 }
@@ -223,14 +415,14 @@ fn string_field<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a st
 }
 
 /// `DELETE /credentials/{api_key}`: any valid credential may revoke any other.
-#[tracing::instrument(skip_all, fields(caller = %caller.0))]
+#[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn revoke(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let key = path_key(path)?;
-    match state.store.revoke(&key, Some(&caller.0)).await? {
+    match state.store.revoke(&key, Some(&caller.key)).await? {
         Revocation::Revoked => {
             state.auth.forget_revoked(&key).await;
             state.metrics.revoked();
@@ -251,13 +443,91 @@ fn path_key(
     ApiKey::parse(&raw).map_err(|_| ApiError::CredentialNotFound)
 }
 
-/// `GET /auth/verify`: a forward-auth target; the guard already did the work.
-pub(super) async fn verify(Extension(caller): Extension<Caller>) -> Response {
-    match HeaderValue::from_str(caller.0.as_str()) {
-        Ok(value) => (StatusCode::NO_CONTENT, [("x-credential-key", value)]).into_response(),
-        // A parsed key is ASCII alphanumerics and '_', always a valid header value.
-        Err(_) => ApiError::Internal.into_response(),
+/// Header naming the scopes a forward-auth request requires (SPEC §7.4).
+static REQUIRED_SCOPES: HeaderName = HeaderName::from_static("x-required-scopes");
+static CREDENTIAL_KEY: HeaderName = HeaderName::from_static("x-credential-key");
+static CREDENTIAL_OWNER: HeaderName = HeaderName::from_static("x-credential-owner");
+static CREDENTIAL_SCOPES: HeaderName = HeaderName::from_static("x-credential-scopes");
+
+/// `/auth/verify` and everything under it, any method: a forward-auth target. The guard
+/// authenticated the caller; this checks the scopes the request asks for (`?scope=` and
+/// `X-Required-Scopes`; every other query parameter and the body are ignored) and answers
+/// with the caller's identity.
+pub(super) async fn verify(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    for required in required_scopes(uri.query(), &headers) {
+        let required = required?;
+        if !caller.holds(&required) {
+            return Err(ApiError::InsufficientScope(required));
+        }
     }
+    let mut identity = HeaderMap::with_capacity(3);
+    // A parsed key is ASCII alphanumerics and '_', always a valid header value.
+    let key = HeaderValue::from_str(caller.key.as_str()).map_err(|_| ApiError::Internal)?;
+    identity.insert(&CREDENTIAL_KEY, key);
+    if let Some(owner) = caller.profile.owner() {
+        let owner = HeaderValue::from_maybe_shared(owner.clone()).map_err(|_| {
+            // Only an owner written by hand in the database can be no header value.
+            tracing::error!(api_key = %caller.key, "the credential's owner cannot be sent as a header");
+            ApiError::Internal
+        })?;
+        identity.insert(&CREDENTIAL_OWNER, owner);
+    }
+    let scopes = caller.profile.scopes().joined();
+    if !scopes.is_empty() {
+        let scopes = HeaderValue::from_maybe_shared(scopes.clone()).map_err(|_| {
+            tracing::error!(api_key = %caller.key, "the credential's scopes cannot be sent as a header");
+            ApiError::Internal
+        })?;
+        identity.insert(&CREDENTIAL_SCOPES, scopes);
+    }
+    let status = match state.policy.verify_ok_status {
+        VerifyStatus::Ok => StatusCode::OK,
+        VerifyStatus::NoContent => StatusCode::NO_CONTENT,
+    };
+    Ok((status, identity).into_response())
+}
+
+/// Every scope a forward-auth request requires: each `scope` query parameter and each
+/// `X-Required-Scopes` header, space-separated lists both. A malformed one is a 400.
+fn required_scopes<'a>(
+    query: Option<&'a str>,
+    headers: &'a HeaderMap,
+) -> impl Iterator<Item = Result<String, ApiError>> + 'a {
+    let from_query = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(name, _)| name == "scope")
+        .map(|(_, value)| Ok(value.into_owned()));
+    let from_headers = headers.get_all(&REQUIRED_SCOPES).iter().map(|value| {
+        value
+            .to_str()
+            .map(str::to_owned)
+            .map_err(|_| ApiError::field("X-Required-Scopes", "must be visible ASCII"))
+    });
+    from_query
+        .chain(from_headers)
+        .flat_map(|list: Result<String, ApiError>| {
+            let items: Vec<Result<String, ApiError>> = match list {
+                Err(e) => vec![Err(e)],
+                Ok(list) => list
+                    .split_ascii_whitespace()
+                    .map(|scope| {
+                        if attributes::is_scope(scope) {
+                            Ok(scope.to_owned())
+                        } else {
+                            Err(ApiError::field(
+                                "scope",
+                                format_args!("{scope:?} is not a scope"),
+                            ))
+                        }
+                    })
+                    .collect(),
+            };
+            items
+        })
 }
 
 /// `GET /credentials/{api_key}`.
@@ -279,6 +549,9 @@ pub(super) struct ListParams {
     limit: Option<String>,
     after: Option<String>,
     active: Option<String>,
+    owner: Option<String>,
+    state: Option<String>,
+    master_key_id: Option<String>,
 }
 
 const DEFAULT_PAGE: u32 = 100;
@@ -289,19 +562,9 @@ pub(super) async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let ListRequest {
-        limit,
-        after,
-        active,
-    } = list_request(params)?;
-    let page = state
-        .store
-        .list(&ListQuery {
-            after,
-            active,
-            limit: limit + 1,
-        })
-        .await?;
+    let ListRequest { limit, mut query } = list_request(params)?;
+    query.limit = limit + 1;
+    let page = state.store.list(&query).await?;
     let more = page.len() > limit as usize;
     let page: Vec<_> = page.into_iter().take(limit as usize).collect();
     let next = more
@@ -315,8 +578,8 @@ pub(super) async fn list(
 struct ListRequest {
     /// Page size, 1..=1000.
     limit: u32,
-    after: Option<ApiKey>,
-    active: Option<bool>,
+    /// The filters.
+    query: ListQuery,
 }
 
 fn list_request(
@@ -344,10 +607,39 @@ fn list_request(
         Some("false") => Some(false),
         Some(_) => return Err(ApiError::field("active", "must be true or false")),
     };
+    let owner = params
+        .owner
+        .as_deref()
+        .map(attributes::parse_owner)
+        .transpose()
+        .map_err(|e| ApiError::field("owner", e))?;
+    let state = params
+        .state
+        .as_deref()
+        .map(|s| {
+            CredentialState::parse(s)
+                .ok_or_else(|| ApiError::field("state", "must be active, expired or revoked"))
+        })
+        .transpose()?;
+    let master_key_id = match params.master_key_id {
+        Some(id) if !attributes::is_master_key_id(&id) => {
+            return Err(ApiError::field(
+                "master_key_id",
+                "must be 16 lowercase hexadecimal characters",
+            ));
+        }
+        id => id,
+    };
     Ok(ListRequest {
         limit,
-        after,
-        active,
+        query: ListQuery {
+            after,
+            active,
+            owner,
+            state,
+            master_key_id,
+            limit: 0,
+        },
     })
 }
 
@@ -358,8 +650,12 @@ mod tests {
     const KEY: &str = "ak_0123456789abcdefghijklmnopqrstuv";
     const SECRET: &str = "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo";
 
+    fn pair_of(body: &[u8]) -> Result<(ApiKey, ApiSecret), ApiError> {
+        parse_object(body).and_then(|fields| parse_pair(&fields))
+    }
+
     fn message(body: &str) -> String {
-        match parse_pair(body.as_bytes()) {
+        match pair_of(body.as_bytes()) {
             Err(ApiError::InvalidField(message)) => message,
             other => panic!("{body}: {other:?}"),
         }
@@ -367,7 +663,7 @@ mod tests {
 
     #[test]
     fn a_well_formed_body_parses() {
-        let (key, secret) = parse_pair(
+        let (key, secret) = pair_of(
             format!(r#"{{"api_key":"{KEY}","api_secret":"{SECRET}","x":[1,{{}}]}}"#).as_bytes(),
         )
         .unwrap();
@@ -559,8 +855,11 @@ mod tests {
         };
         Ok(ListRequest {
             limit,
-            after,
-            active,
+            query: ListQuery {
+                after,
+                active,
+                ..ListQuery::default()
+            },
         })
     }
 
@@ -611,7 +910,7 @@ mod tests {
             prop_assert_eq!(ours, Ok(theirs.unwrap()));
             if !value.is_object() {
                 prop_assert_eq!(
-                    parse_pair(text.as_bytes()).unwrap_err().to_string(),
+                    pair_of(text.as_bytes()).unwrap_err().to_string(),
                     "request body must be a JSON object"
                 );
             }
@@ -648,7 +947,7 @@ mod tests {
                     .collect::<Vec<_>>()
                     .join(&format!("{space},"))
             );
-            match (parse_pair(body.as_bytes()), register_outcome(&entries)) {
+            match (pair_of(body.as_bytes()), register_outcome(&entries)) {
                 (Ok((key, secret)), Ok((k, s))) => {
                     prop_assert_eq!(key.as_str(), k.as_str());
                     prop_assert_eq!(secret.expose(), s);
@@ -665,7 +964,7 @@ mod tests {
             prop::collection::vec(any::<u8>(), 0..200),
             "[{}\\[\\]\":, a-z_0-9\\\\]{0,60}".prop_map(String::into_bytes),
         ]) {
-            match parse_pair(&body) {
+            match pair_of(&body) {
                 Ok((key, secret)) => {
                     let value: Value = serde_json::from_slice(&body).unwrap();
                     prop_assert_eq!(value["api_key"].as_str(), Some(key.as_str()));
@@ -712,7 +1011,7 @@ mod tests {
             match list(&query) {
                 Ok(request) => prop_assert!((1..=1000).contains(&request.limit)),
                 Err(ApiError::InvalidField(message)) => prop_assert!(
-                    ["query string is malformed", "limit ", "after ", "active "]
+                    ["query string is malformed", "limit ", "after ", "active ", "owner ", "state ", "master_key_id "]
                         .iter()
                         .any(|start| message.starts_with(start)),
                     "{message}"

@@ -14,11 +14,13 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, any, delete, get, patch, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
+use crate::attributes::scope::{CREDENTIALS_READ, CREDENTIALS_REVOKE, CREDENTIALS_WRITE};
 use crate::auth::Authenticator;
+use crate::config::Policy;
 use crate::store::CredentialStore;
 use crate::telemetry::Metrics;
 
@@ -26,8 +28,10 @@ mod error;
 mod guard;
 mod handlers;
 
+pub use crate::auth::Caller;
 pub use error::ApiError;
-pub use guard::{Caller, KEY_HEADER, SECRET_HEADER};
+pub use guard::{KEY_HEADER, SECRET_HEADER};
+use guard::{Need, Open};
 
 /// Largest accepted request body (SPEC §2).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -41,21 +45,46 @@ pub struct AppState {
     pub store: Arc<dyn CredentialStore>,
     /// Series for `/metrics`.
     pub metrics: Metrics,
+    /// Who may register, and what `/auth/verify` answers.
+    pub policy: Arc<Policy>,
 }
 
-/// Every route, declared once, with who may call it.
+/// Every route, declared once, with who may call it and the scope it needs (SPEC §7.2).
 fn table() -> Routes {
     Routes::default()
         .public("/health", get(handlers::health))
         .public("/ready", get(handlers::ready))
         .public("/metrics", get(handlers::metrics))
         .open(Method::POST, "/credentials", post(handlers::register))
-        .protected("/credentials", get(handlers::list))
         .protected(
-            "/credentials/{api_key}",
-            get(handlers::get_one).delete(handlers::revoke),
+            Method::GET,
+            "/credentials",
+            Need::Scope(CREDENTIALS_READ),
+            get(handlers::list),
         )
-        .protected("/auth/verify", get(handlers::verify))
+        .protected(
+            Method::GET,
+            "/credentials/{api_key}",
+            Need::ScopeOrSelf(CREDENTIALS_READ),
+            get(handlers::get_one),
+        )
+        .protected(
+            Method::DELETE,
+            "/credentials/{api_key}",
+            Need::ScopeOrSelf(CREDENTIALS_REVOKE),
+            delete(handlers::revoke),
+        )
+        .protected(
+            Method::PATCH,
+            "/credentials/{api_key}",
+            Need::Scope(CREDENTIALS_WRITE),
+            patch(handlers::update),
+        )
+        // Every method on every path under it: proxies forward the original method and
+        // append the original path (SPEC §7.4). It checks the scopes a request asks for.
+        .authenticated("/auth/verify", any(handlers::verify))
+        .authenticated("/auth/verify/", any(handlers::verify))
+        .authenticated("/auth/verify/{*path}", any(handlers::verify))
 }
 
 /// Builds the whole API: the route table, error fallbacks and middleware.
@@ -102,14 +131,23 @@ struct Routes {
 pub(crate) struct Access {
     /// Paths open to anyone, whatever the method: a wrong method is 405 to anyone.
     public: Vec<&'static str>,
-    /// Single methods on a path open to anyone; the path's other methods need a credential.
+    /// Single methods on a path open to a caller without credential headers; the path's
+    /// other methods need a credential.
     open: Vec<(Method, &'static str)>,
+    /// Protected routes and the scope each needs, for the record (tests, documentation).
+    needs: Vec<(Method, &'static str, Need)>,
 }
 
 impl Access {
-    /// Whether `method path` may be served without a credential.
-    pub(crate) fn is_open(&self, method: &Method, path: &str) -> bool {
-        self.public.contains(&path) || self.open.iter().any(|(m, p)| m == method && *p == path)
+    /// Whether, and how, `method path` may be served without a credential.
+    pub(crate) fn of(&self, method: &Method, path: &str) -> Open {
+        if self.public.contains(&path) {
+            Open::Public
+        } else if self.open.iter().any(|(m, p)| m == method && *p == path) {
+            Open::WithoutCredential
+        } else {
+            Open::No
+        }
     }
 }
 
@@ -121,16 +159,31 @@ impl Routes {
         self
     }
 
-    /// One method anyone may call on a path whose other methods need a credential.
+    /// One method a caller without credential headers may call on a path whose other methods
+    /// need a credential.
     fn open(mut self, method: Method, path: &'static str, route: MethodRouter<AppState>) -> Self {
         self.access.open.push((method, path));
         self.router = self.router.route(path, route);
         self
     }
 
-    /// A route that needs a valid credential: its handler finds the [`Caller`] in request
+    /// A route any valid credential may call: its handler finds the [`Caller`] in request
     /// extensions.
-    fn protected(mut self, path: &'static str, route: MethodRouter<AppState>) -> Self {
+    fn authenticated(mut self, path: &'static str, route: MethodRouter<AppState>) -> Self {
+        self.router = self.router.route(path, route);
+        self
+    }
+
+    /// One method on a path, for a valid credential holding what `need` says.
+    fn protected(
+        mut self,
+        method: Method,
+        path: &'static str,
+        need: Need,
+        route: MethodRouter<AppState>,
+    ) -> Self {
+        self.access.needs.push((method, path, need));
+        let route = route.route_layer(middleware::from_fn_with_state(need, guard::require_scope));
         self.router = self.router.route(path, route);
         self
     }
@@ -179,8 +232,11 @@ mod tests {
         let Routes { access, .. } = table();
         assert_eq!(access.public, ["/health", "/ready", "/metrics"]);
         assert_eq!(access.open, [(Method::POST, "/credentials")]);
-        assert!(access.is_open(&Method::DELETE, "/health"));
-        assert!(access.is_open(&Method::POST, "/credentials"));
+        assert_eq!(access.of(&Method::DELETE, "/health"), Open::Public);
+        assert_eq!(
+            access.of(&Method::POST, "/credentials"),
+            Open::WithoutCredential
+        );
         for (method, path) in [
             (Method::GET, "/credentials"),
             (Method::PUT, "/credentials"),
@@ -190,7 +246,34 @@ mod tests {
             (Method::GET, "/health/"),
             (Method::GET, "/anything"),
         ] {
-            assert!(!access.is_open(&method, path), "{method} {path}");
+            assert_eq!(access.of(&method, path), Open::No, "{method} {path}");
         }
+    }
+
+    /// The scope every protected route needs (SPEC §7.2), as declared.
+    #[test]
+    fn every_route_needs_the_scope_the_spec_gives_it() {
+        let Routes { access, .. } = table();
+        assert_eq!(
+            access.needs,
+            [
+                (Method::GET, "/credentials", Need::Scope(CREDENTIALS_READ)),
+                (
+                    Method::GET,
+                    "/credentials/{api_key}",
+                    Need::ScopeOrSelf(CREDENTIALS_READ)
+                ),
+                (
+                    Method::DELETE,
+                    "/credentials/{api_key}",
+                    Need::ScopeOrSelf(CREDENTIALS_REVOKE)
+                ),
+                (
+                    Method::PATCH,
+                    "/credentials/{api_key}",
+                    Need::Scope(CREDENTIALS_WRITE)
+                ),
+            ]
+        );
     }
 }

@@ -7,21 +7,31 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::{Map, Value};
 
+use crate::attributes::{Scopes, State, format_time};
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 
 pub mod postgres;
 pub mod sqlite;
 
-/// `SELECT` of the columns of a [`CredentialRecord`] followed by the rest of a query: one
-/// column list for every backend's reads.
+/// The columns of a [`CredentialRow`]: one list for every backend's reads and `RETURNING`s.
+macro_rules! credential_columns {
+    () => {
+        "api_key, active, created_at, revoked_at, revoked_by, name, owner, meta, scopes, \
+         expires_at, last_used_at, master_key_id"
+    };
+}
+pub(crate) use credential_columns;
+
+/// `SELECT` of the columns of a [`CredentialRow`] followed by the rest of a query.
 macro_rules! select_credential {
     ($($rest:literal),*) => {
         concat!(
-            "SELECT api_key, active, created_at, revoked_at, revoked_by FROM api_credential ",
+            "SELECT ", $crate::store::credential_columns!(), " FROM api_credential ",
             $($rest),*
         )
     };
@@ -40,8 +50,8 @@ pub(crate) async fn timed<T>(
     out
 }
 
-/// A credential as stored: never a secret, never a hash of one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+/// A credential as stored, with its computed state: never a secret, never a hash of one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CredentialRecord {
     /// The public key.
     pub api_key: String,
@@ -55,10 +65,73 @@ pub struct CredentialRecord {
     pub revoked_at: Option<DateTime<Utc>>,
     /// The key that revoked it; none for a revocation made in the database directly.
     pub revoked_by: Option<String>,
+    /// A label for people.
+    pub name: Option<String>,
+    /// Whom it belongs to (an external id).
+    pub owner: Option<String>,
+    /// Free-form attributes, a JSON object.
+    pub meta: Value,
+    /// What it may do, sorted.
+    pub scopes: Vec<String>,
+    /// When it stops authenticating, if ever.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// When it last authenticated, coarsely.
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// Which master key derived its secret; none when registered before that was recorded.
+    pub master_key_id: Option<String>,
+    /// Active, expired or revoked, when it was read.
+    pub state: State,
+}
+
+/// A row as both backends read it; `meta` is JSON text on SQLite and `jsonb` on PostgreSQL,
+/// `scopes` space-separated text on both.
+#[derive(sqlx::FromRow)]
+pub(crate) struct CredentialRow {
+    api_key: String,
+    active: bool,
+    created_at: DateTime<Utc>,
+    revoked_at: Option<DateTime<Utc>>,
+    revoked_by: Option<String>,
+    name: Option<String>,
+    owner: Option<String>,
+    meta: sqlx::types::Json<Value>,
+    scopes: String,
+    expires_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+    master_key_id: Option<String>,
+}
+
+impl From<CredentialRow> for CredentialRecord {
+    fn from(row: CredentialRow) -> Self {
+        let mut scopes: Vec<String> = row
+            .scopes
+            .split_ascii_whitespace()
+            .map(str::to_owned)
+            .collect();
+        scopes.sort_unstable();
+        scopes.dedup();
+        Self {
+            state: State::of(row.active, row.expires_at, Utc::now()),
+            api_key: row.api_key,
+            active: row.active,
+            created_at: row.created_at,
+            revoked_at: row.revoked_at,
+            revoked_by: row.revoked_by,
+            name: row.name,
+            owner: row.owner,
+            meta: row.meta.0,
+            scopes,
+            expires_at: row.expires_at,
+            last_used_at: row.last_used_at,
+            master_key_id: row.master_key_id,
+        }
+    }
 }
 
 fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    s.serialize_str(&format_time(t))
 }
 
 fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
@@ -68,26 +141,84 @@ fn rfc3339_opt<S: serde::Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<
     }
 }
 
-/// What a lookup found for a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyState {
-    /// Registered and not revoked.
-    Active,
-    /// Registered and revoked.
-    Revoked,
-    /// Never registered.
-    Unknown,
+/// A credential to register: its key and its attributes, already checked.
+#[derive(Debug, Clone)]
+pub struct NewCredential {
+    /// The key; its secret was verified by the caller.
+    pub api_key: ApiKey,
+    /// A label for people.
+    pub name: Option<String>,
+    /// Whom it belongs to.
+    pub owner: Option<String>,
+    /// Free-form attributes.
+    pub meta: Map<String, Value>,
+    /// What it may do.
+    pub scopes: Scopes,
+    /// When it stops authenticating.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The master key that verified its pair.
+    pub master_key_id: Option<String>,
 }
 
-impl KeyState {
-    /// The state for the `active` column of a row, or no row.
-    pub(crate) fn from_active(active: Option<bool>) -> Self {
-        match active {
-            Some(true) => Self::Active,
-            Some(false) => Self::Revoked,
-            None => Self::Unknown,
+impl NewCredential {
+    /// A credential with no attributes but these scopes.
+    pub fn new(api_key: ApiKey, scopes: Scopes) -> Self {
+        Self {
+            api_key,
+            name: None,
+            owner: None,
+            meta: Map::new(),
+            scopes,
+            expires_at: None,
+            master_key_id: None,
         }
     }
+}
+
+/// What authentication needs of a stored credential.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AuthRecord {
+    /// False once revoked.
+    pub active: bool,
+    /// Space-separated scopes, as stored.
+    pub scopes: String,
+    /// Whom it belongs to.
+    pub owner: Option<String>,
+    /// When it stops authenticating.
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A change of attributes: each `Some` replaces the stored value (`Some(None)` clears it).
+#[derive(Debug, Clone, Default)]
+pub struct Update {
+    /// New name.
+    pub name: Option<Option<String>>,
+    /// New owner.
+    pub owner: Option<Option<String>>,
+    /// New meta, replacing the old one whole.
+    pub meta: Option<Map<String, Value>>,
+    /// New scopes.
+    pub scopes: Option<Scopes>,
+    /// New expiry.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+impl Update {
+    /// Whether it changes what a cached authentication holds (scopes, expiry, owner).
+    pub fn touches_authentication(&self) -> bool {
+        self.scopes.is_some() || self.expires_at.is_some() || self.owner.is_some()
+    }
+}
+
+/// Result of an update.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Updated {
+    /// Changed, durably; the credential as it is now.
+    Changed(Box<CredentialRecord>),
+    /// The key was never registered.
+    NotFound,
+    /// The key is revoked: it cannot change.
+    Revoked,
 }
 
 /// Result of a registration.
@@ -131,12 +262,18 @@ impl Revocation {
 }
 
 /// A page request for [`CredentialStore::list`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ListQuery {
     /// Only keys sorting after this one.
     pub after: Option<ApiKey>,
     /// Only active (true) or revoked (false) credentials.
     pub active: Option<bool>,
+    /// Only credentials of this owner.
+    pub owner: Option<String>,
+    /// Only credentials in this state, now.
+    pub state: Option<State>,
+    /// Only credentials derived with this master key.
+    pub master_key_id: Option<String>,
     /// At most this many records.
     pub limit: u32,
 }
@@ -215,7 +352,7 @@ impl From<sqlx::Error> for StoreError {
 /// feed (other instances, direct SQL, this instance's own writes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// This key changed (revoked or removed) in the database.
+    /// This key changed (revoked, removed, or its scopes, expiry or owner) in the database.
     Key(String),
     /// Changes may have been missed (the feed was down): forget everything.
     All,
@@ -239,14 +376,17 @@ impl Drop for AbortOnDrop {
 #[async_trait]
 pub trait CredentialStore: Send + Sync + 'static {
     /// Stores a new active credential. Exactly one of concurrent calls for a key gets `Created`.
-    async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError>;
+    async fn register(&self, new: &NewCredential) -> Result<Registration, StoreError>;
 
     /// Revokes an active credential, recording who did it. Exactly one of concurrent calls
     /// for a key gets `Revoked`.
     async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError>;
 
-    /// The state of a key, for authentication.
-    async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError>;
+    /// What authentication needs of a key; `None` when it was never registered.
+    async fn lookup(&self, key: &ApiKey) -> Result<Option<AuthRecord>, StoreError>;
+
+    /// Changes the attributes of a credential that is not revoked.
+    async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError>;
 
     /// One credential, revoked or not.
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError>;

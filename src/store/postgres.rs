@@ -12,11 +12,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::types::Json;
 use tokio::sync::broadcast;
 
 use super::{
-    AbortOnDrop, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialStore, KeyState,
-    ListQuery, Registration, Revocation, StoreError, StoreSettings, select_credential, timed,
+    AbortOnDrop, AuthRecord, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialRow,
+    CredentialStore, ListQuery, NewCredential, Registration, Revocation, StoreError, StoreSettings,
+    Update, Updated, credential_columns, select_credential, timed,
 };
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
@@ -137,20 +139,71 @@ where
 
 #[async_trait]
 impl CredentialStore for PgStore {
-    async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError> {
+    async fn register(&self, new: &NewCredential) -> Result<Registration, StoreError> {
         let done = timed(
             &self.metrics,
             "register",
             retrying(|| {
                 sqlx::query(
-                "INSERT INTO api_credential (api_key) VALUES ($1) ON CONFLICT (api_key) DO NOTHING",
-            )
-            .bind(key.as_str())
-            .execute(&self.pool)
+                    "INSERT INTO api_credential \
+                     (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (api_key) DO NOTHING",
+                )
+                .bind(new.api_key.as_str())
+                .bind(new.name.as_deref())
+                .bind(new.owner.as_deref())
+                .bind(Json(&new.meta))
+                .bind(new.scopes.to_stored())
+                .bind(new.expires_at)
+                .bind(new.master_key_id.as_deref())
+                .execute(&self.pool)
             }),
         )
         .await?;
         Ok(Registration::from_rows(done.rows_affected()))
+    }
+
+    async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError> {
+        let changed = timed(
+            &self.metrics,
+            "update",
+            retrying(|| {
+                sqlx::query_as::<_, CredentialRow>(concat!(
+                    "UPDATE api_credential SET ",
+                    "name = CASE WHEN $1 THEN $2 ELSE name END, ",
+                    "owner = CASE WHEN $3 THEN $4 ELSE owner END, ",
+                    "meta = COALESCE($5, meta), ",
+                    "scopes = COALESCE($6, scopes), ",
+                    "expires_at = CASE WHEN $7 THEN $8 ELSE expires_at END ",
+                    "WHERE api_key = $9 AND active RETURNING ",
+                    credential_columns!()
+                ))
+                .bind(update.name.is_some())
+                .bind(update.name.clone().flatten())
+                .bind(update.owner.is_some())
+                .bind(update.owner.clone().flatten())
+                .bind(update.meta.as_ref().map(Json))
+                .bind(update.scopes.as_ref().map(|s| s.to_stored()))
+                .bind(update.expires_at.is_some())
+                .bind(update.expires_at.flatten())
+                .bind(key.as_str())
+                .fetch_optional(&self.pool)
+            }),
+        )
+        .await?;
+        if let Some(row) = changed {
+            return Ok(Updated::Changed(Box::new(row.into())));
+        }
+        // Revocation is permanent, so a revoked key read now was revoked then.
+        let active: Option<bool> =
+            sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = $1")
+                .bind(key.as_str())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(match active {
+            None => Updated::NotFound,
+            Some(_) => Updated::Revoked,
+        })
     }
 
     async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
@@ -171,45 +224,55 @@ impl CredentialStore for PgStore {
         Ok(Revocation::from_rows(done.rows_affected()))
     }
 
-    async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError> {
-        let active: Option<bool> = timed(
+    async fn lookup(&self, key: &ApiKey) -> Result<Option<AuthRecord>, StoreError> {
+        Ok(timed(
             &self.metrics,
             "state",
-            sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = $1")
-                .bind(key.as_str())
-                .fetch_optional(&self.pool),
+            sqlx::query_as(
+                "SELECT active, scopes, owner, expires_at FROM api_credential WHERE api_key = $1",
+            )
+            .bind(key.as_str())
+            .fetch_optional(&self.pool),
         )
-        .await?;
-        Ok(KeyState::from_active(active))
+        .await?)
     }
 
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
         let row = timed(
             &self.metrics,
             "get",
-            sqlx::query_as::<_, CredentialRecord>(select_credential!("WHERE api_key = $1"))
+            sqlx::query_as::<_, CredentialRow>(select_credential!("WHERE api_key = $1"))
                 .bind(key.as_str())
                 .fetch_optional(&self.pool),
         )
         .await?;
-        Ok(row)
+        Ok(row.map(CredentialRecord::from))
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
         let rows = timed(
             &self.metrics,
             "list",
-            sqlx::query_as::<_, CredentialRecord>(select_credential!(
-                "WHERE ($1::text IS NULL OR api_key > $1) AND ($2::boolean IS NULL OR active = $2) \
-             ORDER BY api_key LIMIT $3"
+            sqlx::query_as::<_, CredentialRow>(select_credential!(
+                "WHERE ($1::text IS NULL OR api_key > $1) AND ($2::boolean IS NULL OR active = $2) ",
+                "AND ($3::text IS NULL OR owner = $3) AND ($4::text IS NULL OR master_key_id = $4) ",
+                "AND ($5::text IS NULL ",
+                "  OR ($5 = 'revoked' AND NOT active) ",
+                "  OR ($5 = 'expired' AND active AND expires_at <= $6) ",
+                "  OR ($5 = 'active' AND active AND (expires_at IS NULL OR expires_at > $6))) ",
+                "ORDER BY api_key LIMIT $7"
             ))
             .bind(query.after.as_ref().map(ApiKey::as_str))
             .bind(query.active)
+            .bind(query.owner.as_deref())
+            .bind(query.master_key_id.as_deref())
+            .bind(query.state.map(|s| s.to_string()))
+            .bind(chrono::Utc::now())
             .bind(i64::from(query.limit))
             .fetch_all(&self.pool),
         )
         .await?;
-        Ok(rows)
+        Ok(rows.into_iter().map(CredentialRecord::from).collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -20,9 +20,11 @@ use tokio::sync::{Notify, broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{
-    AbortOnDrop, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialStore, KeyState,
-    ListQuery, Registration, Revocation, StoreError, select_credential, timed,
+    AbortOnDrop, AuthRecord, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialRow,
+    CredentialStore, ListQuery, NewCredential, Registration, Revocation, StoreError, Update,
+    Updated, credential_columns, select_credential, timed,
 };
+use crate::attributes::format_time;
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 
@@ -57,8 +59,13 @@ impl Default for SqliteOptions {
 
 enum WriteOp {
     Register {
-        key: ApiKey,
+        new: Box<NewCredential>,
         reply: oneshot::Sender<Result<Registration, StoreError>>,
+    },
+    Update {
+        key: ApiKey,
+        update: Box<Update>,
+        reply: oneshot::Sender<Result<Updated, StoreError>>,
     },
     Revoke {
         key: ApiKey,
@@ -73,6 +80,7 @@ enum WriteOp {
 
 enum Outcome {
     Registration(Registration),
+    Update(Updated),
     Revocation(Revocation),
     Probe,
 }
@@ -454,6 +462,12 @@ fn answer(
                     _ => Err(mismatch()),
                 }));
             }
+            WriteOp::Update { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Update(u) => Ok(u),
+                    _ => Err(mismatch()),
+                }));
+            }
             WriteOp::Probe { reply } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::Probe => Ok(()),
@@ -476,13 +490,10 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
     let mut outcomes = Vec::with_capacity(ops.len());
     for op in ops {
         let outcome = match op {
-            WriteOp::Register { key, .. } => sqlx::query(
-                "INSERT INTO api_credential (api_key) VALUES (?) ON CONFLICT (api_key) DO NOTHING",
-            )
-            .bind(key.as_str())
-            .execute(&mut *conn)
-            .await
-            .map(|done| Outcome::Registration(Registration::from_rows(done.rows_affected()))),
+            WriteOp::Register { new, .. } => register(conn, new).await.map(Outcome::Registration),
+            WriteOp::Update { key, update, .. } => {
+                self::update(conn, key, update).await.map(Outcome::Update)
+            }
             WriteOp::Revoke { key, by, .. } => sqlx::query(
                 "UPDATE api_credential SET active = 0, revoked_by = ? WHERE api_key = ? AND active = 1",
             )
@@ -516,11 +527,86 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
     Ok(outcomes)
 }
 
+async fn register(
+    conn: &mut SqliteConnection,
+    new: &NewCredential,
+) -> Result<Registration, sqlx::Error> {
+    let meta = serde_json::Value::Object(new.meta.clone()).to_string();
+    let done = sqlx::query(
+        "INSERT INTO api_credential \
+         (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (api_key) DO NOTHING",
+    )
+    .bind(new.api_key.as_str())
+    .bind(new.name.as_deref())
+    .bind(new.owner.as_deref())
+    .bind(meta)
+    .bind(new.scopes.to_stored())
+    .bind(new.expires_at.as_ref().map(format_time))
+    .bind(new.master_key_id.as_deref())
+    .execute(&mut *conn)
+    .await?;
+    Ok(Registration::from_rows(done.rows_affected()))
+}
+
+/// Changes the given attributes of an active credential; tells a revoked key from an
+/// unknown one when nothing changed.
+async fn update(
+    conn: &mut SqliteConnection,
+    key: &ApiKey,
+    update: &Update,
+) -> Result<Updated, sqlx::Error> {
+    let row: Option<CredentialRow> = sqlx::query_as(concat!(
+        "UPDATE api_credential SET ",
+        "name = CASE WHEN ?1 THEN ?2 ELSE name END, ",
+        "owner = CASE WHEN ?3 THEN ?4 ELSE owner END, ",
+        "meta = COALESCE(?5, meta), ",
+        "scopes = COALESCE(?6, scopes), ",
+        "expires_at = CASE WHEN ?7 THEN ?8 ELSE expires_at END ",
+        "WHERE api_key = ?9 AND active = 1 RETURNING ",
+        credential_columns!()
+    ))
+    .bind(update.name.is_some())
+    .bind(update.name.clone().flatten())
+    .bind(update.owner.is_some())
+    .bind(update.owner.clone().flatten())
+    .bind(
+        update
+            .meta
+            .as_ref()
+            .map(|m| serde_json::Value::Object(m.clone()).to_string()),
+    )
+    .bind(update.scopes.as_ref().map(|s| s.to_stored()))
+    .bind(update.expires_at.is_some())
+    .bind(update.expires_at.flatten().as_ref().map(format_time))
+    .bind(key.as_str())
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = row {
+        return Ok(Updated::Changed(Box::new(row.into())));
+    }
+    let active: Option<bool> =
+        sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = ?")
+            .bind(key.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(match active {
+        None => Updated::NotFound,
+        Some(_) => Updated::Revoked,
+    })
+}
+
 #[async_trait]
 impl CredentialStore for SqliteStore {
-    async fn register(&self, key: &ApiKey) -> Result<Registration, StoreError> {
-        let key = key.clone();
-        self.write(|reply| WriteOp::Register { key, reply }).await
+    async fn register(&self, new: &NewCredential) -> Result<Registration, StoreError> {
+        let new = Box::new(new.clone());
+        self.write(|reply| WriteOp::Register { new, reply }).await
+    }
+
+    async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError> {
+        let (key, update) = (key.clone(), Box::new(update.clone()));
+        self.write(|reply| WriteOp::Update { key, update, reply })
+            .await
     }
 
     async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
@@ -528,32 +614,45 @@ impl CredentialStore for SqliteStore {
         self.write(|reply| WriteOp::Revoke { key, by, reply }).await
     }
 
-    async fn state(&self, key: &ApiKey) -> Result<KeyState, StoreError> {
-        let active: Option<bool> = timed(
+    async fn lookup(&self, key: &ApiKey) -> Result<Option<AuthRecord>, StoreError> {
+        Ok(timed(
             &self.metrics,
             "state",
-            sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = ?")
-                .bind(key.as_str())
-                .fetch_optional(&self.reads),
+            sqlx::query_as(
+                "SELECT active, scopes, owner, expires_at FROM api_credential WHERE api_key = ?",
+            )
+            .bind(key.as_str())
+            .fetch_optional(&self.reads),
         )
-        .await?;
-        Ok(KeyState::from_active(active))
+        .await?)
     }
 
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
-        let query = sqlx::query_as(select_credential!("WHERE api_key = ?")).bind(key.as_str());
-        Ok(timed(&self.metrics, "get", query.fetch_optional(&self.reads)).await?)
+        let query = sqlx::query_as::<_, CredentialRow>(select_credential!("WHERE api_key = ?"))
+            .bind(key.as_str());
+        let row = timed(&self.metrics, "get", query.fetch_optional(&self.reads)).await?;
+        Ok(row.map(CredentialRecord::from))
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<CredentialRecord>, StoreError> {
-        let rows = sqlx::query_as(select_credential!(
+        let rows = sqlx::query_as::<_, CredentialRow>(select_credential!(
             "WHERE (?1 IS NULL OR api_key > ?1) AND (?2 IS NULL OR active = ?2) ",
-            "ORDER BY api_key LIMIT ?3"
+            "AND (?3 IS NULL OR owner = ?3) AND (?4 IS NULL OR master_key_id = ?4) ",
+            "AND (?5 IS NULL ",
+            "  OR (?5 = 'revoked' AND active = 0) ",
+            "  OR (?5 = 'expired' AND active = 1 AND expires_at <= ?6) ",
+            "  OR (?5 = 'active' AND active = 1 AND (expires_at IS NULL OR expires_at > ?6))) ",
+            "ORDER BY api_key LIMIT ?7"
         ))
         .bind(query.after.as_ref().map(ApiKey::as_str))
         .bind(query.active)
+        .bind(query.owner.as_deref())
+        .bind(query.master_key_id.as_deref())
+        .bind(query.state.map(|s| s.to_string()))
+        .bind(format_time(&chrono::Utc::now()))
         .bind(i64::from(query.limit));
-        Ok(timed(&self.metrics, "list", rows.fetch_all(&self.reads)).await?)
+        let rows = timed(&self.metrics, "list", rows.fetch_all(&self.reads)).await?;
+        Ok(rows.into_iter().map(CredentialRecord::from).collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

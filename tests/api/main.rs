@@ -46,4 +46,6 @@ macro_rules! contract_tests {
 
 mod api;
 mod cache_and_storage;
+mod privileges;
 mod process;
+mod upgrade;

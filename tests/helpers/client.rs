@@ -59,6 +59,35 @@ impl Client {
             .expect("send")
     }
 
+    /// POST /credentials with a JSON body, authenticated as `by` when given.
+    pub async fn register_as(&self, body: &Value, by: Option<&Pair>) -> reqwest::Response {
+        self.request(Method::POST, "/credentials", by)
+            .json(body)
+            .send()
+            .await
+            .expect("send")
+    }
+
+    /// Mints and registers a pair with these attributes as `by`, asserting 201.
+    pub async fn registered_with(&self, attributes: Value, by: Option<&Pair>) -> Pair {
+        let pair = mint();
+        let mut body = attributes;
+        body["api_key"] = pair.key.clone().into();
+        body["api_secret"] = pair.secret.clone().into();
+        let resp = self.register_as(&body, by).await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "{body}");
+        pair
+    }
+
+    /// PATCH /credentials/{target} with a JSON body as `by`.
+    pub async fn update(&self, target: &str, body: &Value, by: &Pair) -> reqwest::Response {
+        self.request(Method::PATCH, &format!("/credentials/{target}"), Some(by))
+            .json(body)
+            .send()
+            .await
+            .expect("send")
+    }
+
     /// POST /credentials with `pair`.
     pub async fn register(&self, pair: &Pair) -> reqwest::Response {
         self.register_json(&serde_json::json!({ "api_key": pair.key, "api_secret": pair.secret }))
