@@ -1,6 +1,6 @@
 //! Several credgate instances on one PostgreSQL: a revocation anywhere — through any
 //! instance's API or by SQL — reaches every instance's cache, also across lost listener
-//! connections and a PostgreSQL restart.
+//! connections and a PostgreSQL restart; so does a change of scopes, owner or expiry.
 
 // A test crate has no public API: its helpers are `pub` only to be shared between modules.
 #![allow(unreachable_pub)]
@@ -84,6 +84,97 @@ async fn revoke_by_sql(apps: &[TestApp], pair: &Pair) {
         .await;
 }
 
+/// `/auth/verify?scope=…` on one instance.
+async fn verify_scope(app: &TestApp, pair: &Pair, scope: &str) -> reqwest::Response {
+    app.send(
+        reqwest::Method::GET,
+        &format!("/auth/verify?scope={scope}"),
+        Some(pair),
+    )
+    .await
+}
+
+/// Waits at most 1 s (SPEC §7, §8.1) until `check` holds on every instance.
+async fn within_a_second_everywhere<F, Fut>(apps: &[TestApp], check: F) -> bool
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    for i in 0..apps.len() {
+        let left = Duration::from_secs(1).saturating_sub(started.elapsed());
+        if !eventually(left, || check(i)).await {
+            return false;
+        }
+    }
+    true
+}
+
+async fn attribute_changes_reach_every_instance(apps: &[TestApp], admin: &Pair) {
+    let customer = &apps[0]
+        .registered_with(
+            serde_json::json!({ "scopes": ["orders:read"] }),
+            Some(admin),
+        )
+        .await;
+    for app in apps {
+        for _ in 0..2 {
+            let resp = verify_scope(app, customer, "orders:read").await;
+            assert_eq!(resp.status(), StatusCode::NO_CONTENT);
+        }
+    }
+    // Through one instance's API: the others refuse the dropped scope within 1 s.
+    let resp = apps[1]
+        .update(
+            &customer.key,
+            &serde_json::json!({ "scopes": ["orders:write"] }),
+            admin,
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        within_a_second_everywhere(apps, |i| async move {
+            verify_scope(&apps[i], customer, "orders:read")
+                .await
+                .status()
+                == StatusCode::FORBIDDEN
+        })
+        .await,
+        "a scope change did not reach every instance within 1 s"
+    );
+    // By SQL: a new owner, then an expiry in the past.
+    apps[0]
+        .sql(&format!(
+            "UPDATE api_credential SET owner = 'acme' WHERE api_key = '{}'",
+            customer.key
+        ))
+        .await;
+    assert!(
+        within_a_second_everywhere(apps, |i| async move {
+            let resp = verify_scope(&apps[i], customer, "orders:write").await;
+            resp.headers()
+                .get("x-credential-owner")
+                .is_some_and(|v| v == "acme")
+        })
+        .await,
+        "an owner change by SQL did not reach every instance within 1 s"
+    );
+    apps[0]
+        .sql(&format!(
+            "UPDATE api_credential SET expires_at = now() - interval '1 second' \
+             WHERE api_key = '{}'",
+            customer.key
+        ))
+        .await;
+    assert!(
+        within_a_second_everywhere(apps, |i| async move {
+            apps[i].verify(customer).await == StatusCode::UNAUTHORIZED
+        })
+        .await,
+        "an expiry set by SQL did not reach every instance within 1 s"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_share_revocations() {
     let server = pg::server();
@@ -118,6 +209,9 @@ async fn three_instances_share_revocations() {
         refused_everywhere(&apps, &p2).await,
         "SQL revocation did not reach every instance"
     );
+
+    // A change of scopes, expiry or owner travels like a revocation: within 1 s everywhere.
+    attribute_changes_reach_every_instance(&apps, &admin).await;
 
     // The listener connections are killed; a revocation made right after must not be lost
     // even if its notification went to a dying connection.
