@@ -805,3 +805,57 @@ fn limit_open_files(command: &mut Command, limit: u64) {
         });
     }
 }
+
+/// SPEC §7.3/§7.4's flags, each with its `CREDGATE_*` variable; bad values stop start-up.
+#[tokio::test]
+async fn privilege_flags_and_their_environment_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.hex");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let key_file = key_file.to_str().unwrap();
+    let data = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let (by_flags, by_env) = (data("flags"), data("env"));
+
+    let server = ServerProcess::start(&[
+        "--data-dir",
+        &by_flags,
+        "--master-key-file",
+        key_file,
+        "--registration-scopes",
+        "orders:read, credentials:read",
+        "--verify-ok-status",
+        "200",
+    ]);
+    let pair = server.registered().await;
+    assert_eq!(
+        server.record(&pair.key, &pair).await["scopes"],
+        json!(["credentials:read", "orders:read"])
+    );
+    assert_eq!(server.verify(&pair).await, StatusCode::OK);
+
+    let server = ServerProcess::start_with(
+        &["--data-dir", &by_env, "--master-key-file", key_file],
+        |command| {
+            command
+                .env("CREDGATE_OPEN_REGISTRATION", "false")
+                .env("CREDGATE_REGISTRATION_SCOPES", "")
+                .env("CREDGATE_VERIFY_OK_STATUS", "200");
+        },
+    );
+    let resp = server.register(&mint()).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+
+    for (flag, value) in [
+        ("--verify-ok-status", "201"),
+        ("--registration-scopes", "Orders"),
+        ("--open-registration", "maybe"),
+    ] {
+        let out = binary()
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", &by_flags])
+            .args(["--master-key-file", key_file, flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value}");
+        assert!(stderr(&out).contains(flag), "{flag}: {}", stderr(&out));
+    }
+}
