@@ -17,12 +17,13 @@ use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
 use crate::store::{AbortOnDrop, AuthRecord, Change, CredentialStore, StoreError};
 use crate::telemetry::Metrics;
 
-/// What an authenticated credential may do and whom it belongs to. Shared between every
-/// cached credential with the same scopes and owner, so 100 000 cached credentials of a few
-/// kinds cost a few profiles.
-#[derive(Debug, PartialEq, Eq)]
+/// What an authenticated credential may do and whom it belongs to, as the cache holds it.
+/// Small and cheap to clone: the scope set is shared between every cached credential with the
+/// same scopes (most deployments have a few scope lists and 100 000 credentials), the owner is
+/// the bytes of its header value, made once per lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
-    scopes: ScopeSet,
+    scopes: Arc<ScopeSet>,
     owner: Option<bytes::Bytes>,
 }
 
@@ -44,7 +45,7 @@ pub struct Caller {
     /// The credential's key.
     pub key: ApiKey,
     /// Its scopes and owner.
-    pub profile: Arc<Profile>,
+    pub profile: Profile,
 }
 
 impl Caller {
@@ -58,7 +59,7 @@ impl Caller {
 /// cache holds up to 100 000 of them.
 #[derive(Clone)]
 struct Entry {
-    profile: Arc<Profile>,
+    profile: Profile,
     /// `expires_at` in milliseconds since the epoch; `i64::MAX` when it never expires.
     expires_ms: i64,
 }
@@ -148,8 +149,8 @@ struct Inner {
     /// SipHash: only keys whose secret passed the HMAC check get here, so nobody without the
     /// master key can choose colliding keys.
     cache: Option<Cache<ApiKey, Entry, foldhash::fast::RandomState>>,
-    /// Shares profiles between cached credentials.
-    profiles: Interner<Profile>,
+    /// Shares scope sets between cached credentials.
+    scope_sets: Interner<ScopeSet>,
     /// Bumped on every invalidation, so a lookup that raced a revocation does not cache
     /// what it read before the revocation committed.
     epoch: AtomicU64,
@@ -188,7 +189,7 @@ impl Authenticator {
             deriver,
             store,
             cache,
-            profiles: Interner::default(),
+            scope_sets: Interner::default(),
             epoch: AtomicU64::new(0),
             metrics,
             outcomes,
@@ -314,18 +315,14 @@ impl Inner {
         if expires_ms != i64::MAX && now_ms() >= expires_ms {
             return Err(AuthOutcome::RejectedExpired);
         }
-        // Length-prefixed owner, then the scopes: one string per distinct profile.
-        let owner = record.owner.as_deref();
-        let id = match owner {
-            Some(owner) => format!("{}:{owner}{}", owner.len(), record.scopes),
-            None => format!("-{}", record.scopes),
-        };
-        let profile = self.profiles.get(&id, || Profile {
-            scopes: ScopeSet::from_stored(&record.scopes),
-            owner: owner.map(|o| bytes::Bytes::copy_from_slice(o.as_bytes())),
-        });
+        let scopes = self
+            .scope_sets
+            .get(&record.scopes, || ScopeSet::from_stored(&record.scopes));
         Ok(Entry {
-            profile,
+            profile: Profile {
+                scopes,
+                owner: record.owner.map(bytes::Bytes::from),
+            },
             expires_ms,
         })
     }

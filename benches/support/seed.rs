@@ -9,6 +9,11 @@ use credgate::credential::ApiKey;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sqlx::{Connection, QueryBuilder, Sqlite};
 
+/// The scopes of every seeded credential (space-separated, as stored).
+pub const BENCH_SCOPES: &str = "orders:read orders:write";
+/// The expiry of every seeded credential.
+pub const BENCH_EXPIRY: &str = "2099-01-01T00:00:00.000Z";
+
 /// The i-th benchmark key: `ak_bench` + 24 digits.
 pub fn bench_key(i: u64) -> ApiKey {
     match ApiKey::parse(&format!("ak_bench{i:024}")) {
@@ -17,8 +22,10 @@ pub fn bench_key(i: u64) -> ApiKey {
     }
 }
 
-/// Creates (migrating) the database at `path` and registers keys `0..count`. Returns the
-/// time spent inserting.
+/// Creates (migrating) the database at `path` and registers keys `0..count`, each with the
+/// attributes a customer's key has: its own owner (`customer-<i>`, the worst case for the
+/// cache's memory), two scopes and an expiry (far ahead, so every check runs and passes).
+/// Returns the time spent inserting.
 pub async fn seed_sqlite(path: &Path, count: u64) -> anyhow::Result<Duration> {
     credgate::store::sqlite::SqliteStore::migrate(path).await?;
     let options = SqliteConnectOptions::new()
@@ -31,9 +38,12 @@ pub async fn seed_sqlite(path: &Path, count: u64) -> anyhow::Result<Duration> {
     while next < count {
         let end = (next + 1000).min(count);
         let mut insert: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO api_credential (api_key) ");
+            QueryBuilder::new("INSERT INTO api_credential (api_key, owner, scopes, expires_at) ");
         insert.push_values(next..end, |mut row, i| {
-            row.push_bind(bench_key(i).into_string());
+            row.push_bind(bench_key(i).into_string())
+                .push_bind(format!("customer-{i}"))
+                .push_bind(BENCH_SCOPES)
+                .push_bind(BENCH_EXPIRY);
         });
         insert.build().execute(&mut *tx).await?;
         next = end;
