@@ -19,12 +19,47 @@ use crate::telemetry::Metrics;
 
 /// What an authenticated credential may do and whom it belongs to, as the cache holds it.
 /// Small and cheap to clone: the scope set is shared between every cached credential with the
-/// same scopes (most deployments have a few scope lists and 100 000 credentials), the owner is
-/// the bytes of its header value, made once per lookup.
+/// same scopes (most deployments have a few scope lists and 100 000 credentials); the owner,
+/// usually unique per credential, is kept inline when short.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Profile {
     scopes: Arc<ScopeSet>,
-    owner: Option<bytes::Bytes>,
+    owner: Option<Owner>,
+}
+
+/// An owner as the cache keeps it: up to [`Owner::INLINE`] bytes in place, longer ones in one
+/// shared allocation. 100 000 cached credentials with their own owners would otherwise cost
+/// 100 000 small allocations (about 4 MiB).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Owner {
+    Inline { len: u8, bytes: [u8; Owner::INLINE] },
+    Shared(Arc<str>),
+}
+
+impl Owner {
+    /// Bytes kept in place: the enum is then as large as a `String`.
+    const INLINE: usize = 22;
+
+    fn new(owner: &str) -> Self {
+        match u8::try_from(owner.len()) {
+            Ok(len) if owner.len() <= Self::INLINE => {
+                let mut bytes = [0; Self::INLINE];
+                bytes[..owner.len()].copy_from_slice(owner.as_bytes());
+                Self::Inline { len, bytes }
+            }
+            _ => Self::Shared(Arc::from(owner)),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Copied from a `&str` whole, so always UTF-8; the fallback is never taken.
+            Self::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Self::Shared(owner) => owner,
+        }
+    }
 }
 
 impl Profile {
@@ -33,9 +68,9 @@ impl Profile {
         &self.scopes
     }
 
-    /// The credential's owner, as stored (the bytes of a header value, shared).
-    pub fn owner(&self) -> Option<&bytes::Bytes> {
-        self.owner.as_ref()
+    /// The credential's owner.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_ref().map(Owner::as_str)
     }
 }
 
@@ -321,7 +356,7 @@ impl Inner {
         Ok(Entry {
             profile: Profile {
                 scopes,
-                owner: record.owner.map(bytes::Bytes::from),
+                owner: record.owner.as_deref().map(Owner::new),
             },
             expires_ms,
         })
@@ -540,6 +575,27 @@ mod tests {
             );
             assert!(matches!(next, AuthOutcome::RejectedRevoked), "{next:?}");
         }
+    }
+
+    #[test]
+    fn owners_are_kept_whole_inline_or_shared() {
+        for owner in [
+            "",
+            "a",
+            "customer-123456",
+            &"x".repeat(22),
+            &"é".repeat(11),
+            &"y".repeat(23),
+            &"z".repeat(200),
+        ] {
+            let kept = Owner::new(owner);
+            assert_eq!(kept.as_str(), owner);
+            assert_eq!(
+                matches!(kept, Owner::Inline { .. }),
+                owner.len() <= Owner::INLINE
+            );
+        }
+        assert_eq!(std::mem::size_of::<Option<Owner>>(), 24);
     }
 
     #[tokio::test]

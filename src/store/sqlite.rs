@@ -31,7 +31,7 @@ use crate::telemetry::Metrics;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// Page cache of each read connection, as SQLite's `cache_size` (negative: KiB).
-const READER_CACHE_KIB: i64 = -512;
+const READER_CACHE_KIB: i64 = -256;
 
 /// Tuning for [`SqliteStore`].
 #[derive(Debug, Clone)]
