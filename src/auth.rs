@@ -478,6 +478,16 @@ mod tests {
             unreachable!("not used by the authenticator")
         }
 
+        async fn roll(
+            &self,
+            _old: &ApiKey,
+            _new: &ApiKey,
+            _master_key_id: &str,
+            _old_until: chrono::DateTime<chrono::Utc>,
+        ) -> Result<crate::store::Rolled, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
         async fn revoke(
             &self,
             _key: &ApiKey,

@@ -26,6 +26,9 @@ pub enum ApiError {
     /// 409: the credential is revoked and cannot change.
     #[error("the credential is revoked")]
     CredentialRevoked,
+    /// 409: the credential is past its expiry and cannot be rolled.
+    #[error("the credential has expired")]
+    CredentialExpired,
     /// 404: the credential is unknown (or, on revoke, already revoked).
     #[error("credential not found")]
     CredentialNotFound,
@@ -65,7 +68,7 @@ impl ApiError {
             Self::InvalidField(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::InvalidCredential | Self::InsufficientScope(_) => StatusCode::FORBIDDEN,
-            Self::CredentialRevoked => StatusCode::CONFLICT,
+            Self::CredentialRevoked | Self::CredentialExpired => StatusCode::CONFLICT,
             Self::CredentialNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -85,6 +88,7 @@ impl ApiError {
             Self::InvalidCredential => "INVALID_CREDENTIAL",
             Self::InsufficientScope(_) => "INSUFFICIENT_SCOPE",
             Self::CredentialRevoked => "CREDENTIAL_REVOKED",
+            Self::CredentialExpired => "CREDENTIAL_EXPIRED",
             Self::CredentialNotFound => "CREDENTIAL_NOT_FOUND",
             Self::NotFound => "NOT_FOUND",
             Self::MethodNotAllowed => "METHOD_NOT_ALLOWED",

@@ -22,7 +22,7 @@ use super::{ApiError, AppState};
 use crate::attributes::{self, Scopes, State as CredentialState, scope};
 use crate::config::VerifyStatus;
 use crate::credential::{ApiKey, ApiSecret};
-use crate::store::{ListQuery, NewCredential, Registration, Revocation, Update, Updated};
+use crate::store::{ListQuery, NewCredential, Registration, Revocation, Rolled, Update, Updated};
 
 pub(super) async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
@@ -156,6 +156,149 @@ pub(super) async fn update(
     }
 }
 
+/// `POST /credentials/issue` (`credentials:write`): mints a pair with the master key, like
+/// `credgate issue`, and registers it. Its scopes default to none; the caller grants only what
+/// it holds. The one response besides a roll's that carries a secret.
+#[tracing::instrument(skip_all, fields(caller = %caller.key))]
+pub(super) async fn issue(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let fields = optional_object(&headers, body)?;
+    let attributes = Attributes::parse(&fields, Utc::now(), Fields::Issue)?;
+    let scopes = attributes.scopes.unwrap_or_default();
+    if let Some(missing) = scopes.first_missing(caller.profile.scopes()) {
+        return Err(ApiError::scope(missing));
+    }
+    let deriver = state.auth.deriver();
+    let mut new = NewCredential {
+        api_key: ApiKey::generate(),
+        name: attributes.name.flatten(),
+        owner: attributes.owner.flatten(),
+        meta: attributes.meta.unwrap_or_default(),
+        scopes,
+        expires_at: attributes.expires_at.flatten(),
+        master_key_id: Some(deriver.key_id().to_owned()),
+    };
+    // A fresh key has more than 190 random bits: a collision is a broken random source.
+    if state.store.register(&new).await? == Registration::Duplicate {
+        new.api_key = ApiKey::generate();
+        if state.store.register(&new).await? == Registration::Duplicate {
+            tracing::error!("two freshly minted keys were both registered already");
+            return Err(ApiError::Internal);
+        }
+    }
+    state.metrics.registered();
+    let record = state
+        .store
+        .get(&new.api_key)
+        .await?
+        .ok_or(ApiError::Internal)?;
+    tracing::info!(api_key = %new.api_key, "credential issued");
+    Ok(with_secret(
+        &record,
+        &deriver.secret_for(&new.api_key),
+        None,
+    ))
+}
+
+/// Most seconds a rolled credential keeps working (30 days), and the default (one day).
+const MAX_GRACE_SECONDS: i64 = 2_592_000;
+const DEFAULT_GRACE_SECONDS: i64 = 86_400;
+
+/// `POST /credentials/{api_key}/roll` (`credentials:write`, or the credential itself): a new
+/// pair with the same attributes; the old one works for `grace_seconds` more at most.
+#[tracing::instrument(skip_all, fields(caller = %caller.key))]
+pub(super) async fn roll(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let old = path_key(path)?;
+    let fields = optional_object(&headers, body)?;
+    if let Some(unknown) = fields.keys().find(|k| k.as_str() != "grace_seconds") {
+        return Err(ApiError::field(
+            unknown,
+            "is not a field of a roll (grace_seconds)",
+        ));
+    }
+    let grace = match fields.get("grace_seconds") {
+        None => DEFAULT_GRACE_SECONDS,
+        Some(value) => value
+            .as_i64()
+            .filter(|n| (0..=MAX_GRACE_SECONDS).contains(n))
+            .ok_or_else(|| {
+                ApiError::field("grace_seconds", "must be a whole number from 0 to 2592000")
+            })?,
+    };
+    let until = Utc::now() + chrono::Duration::seconds(grace);
+    let deriver = state.auth.deriver();
+    let mut rolled = None;
+    // Like issuing: a second fresh key only if the first was taken.
+    for _ in 0..2 {
+        let new = ApiKey::generate();
+        match state
+            .store
+            .roll(&old, &new, deriver.key_id(), until)
+            .await?
+        {
+            Rolled::Rolled(record) => {
+                rolled = Some((new, record));
+                break;
+            }
+            Rolled::NotFound => return Err(ApiError::CredentialNotFound),
+            Rolled::Revoked => return Err(ApiError::CredentialRevoked),
+            Rolled::Expired => return Err(ApiError::CredentialExpired),
+            Rolled::Duplicate => continue,
+        }
+    }
+    let Some((new, record)) = rolled else {
+        tracing::error!("two freshly minted keys were both registered already");
+        return Err(ApiError::Internal);
+    };
+    // The old key's expiry moved: no cache may keep the one it had.
+    state.auth.forget(&old).await;
+    state.metrics.registered();
+    tracing::info!(api_key = %new, rolled_from = %old, grace_seconds = grace, "credential rolled");
+    Ok(with_secret(&record, &deriver.secret_for(&new), Some(&old)))
+}
+
+/// A `201` carrying a credential and its secret, never to be stored by any cache.
+fn with_secret(
+    record: &crate::store::CredentialRecord,
+    secret: &ApiSecret,
+    rolled_from: Option<&ApiKey>,
+) -> Response {
+    let mut body = json!(record);
+    body["api_secret"] = Value::String(secret.expose());
+    if let Some(old) = rolled_from {
+        body["rolled_from"] = Value::String(old.as_str().to_owned());
+    }
+    (
+        StatusCode::CREATED,
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// A body that may be absent (then `{}`); when present, a JSON object declared as JSON.
+fn optional_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
+    let body = read_body(body)?;
+    if body.is_empty() {
+        return Ok(Map::new());
+    }
+    require_json(headers)?;
+    parse_object(&body)
+}
+
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
@@ -169,6 +312,8 @@ enum Fields {
     /// `POST /credentials`: other fields (the pair, anything unknown) are ignored, as they
     /// always were; `null` is the same as absent.
     Registration,
+    /// `POST /credentials/issue`: only attributes, maybe none; `null` is the same as absent.
+    Issue,
     /// `PATCH`: only attributes, at least one; `null` clears `name`, `owner`, `expires_at`.
     Update,
 }
@@ -191,27 +336,26 @@ impl Attributes {
         now: DateTime<Utc>,
         kind: Fields,
     ) -> Result<Self, ApiError> {
-        if kind == Fields::Update {
-            if let Some(unknown) = fields
+        if kind != Fields::Registration
+            && let Some(unknown) = fields
                 .keys()
                 .find(|k| !ATTRIBUTE_FIELDS.contains(&k.as_str()))
-            {
-                return Err(ApiError::field(
-                    unknown,
-                    "is not a field that can be changed (name, owner, meta, scopes, expires_at)",
-                ));
-            }
-            if fields.is_empty() {
-                return Err(ApiError::InvalidField(
-                    "request body must give at least one of name, owner, meta, scopes, expires_at"
-                        .into(),
-                ));
-            }
+        {
+            return Err(ApiError::field(
+                unknown,
+                "is not an attribute (name, owner, meta, scopes, expires_at)",
+            ));
+        }
+        if kind == Fields::Update && fields.is_empty() {
+            return Err(ApiError::InvalidField(
+                "request body must give at least one of name, owner, meta, scopes, expires_at"
+                    .into(),
+            ));
         }
         // On registration, null is absent; on update, it clears (where that is allowed).
         let given = |name: &str| -> Option<&Value> {
             match fields.get(name) {
-                Some(Value::Null) if kind == Fields::Registration => None,
+                Some(Value::Null) if kind != Fields::Update => None,
                 other => other,
             }
         };

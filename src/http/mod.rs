@@ -63,6 +63,12 @@ fn table() -> Routes {
             get(handlers::list),
         )
         .protected(
+            Method::POST,
+            "/credentials/issue",
+            Need::Scope(CREDENTIALS_WRITE),
+            post(handlers::issue),
+        )
+        .protected(
             Method::GET,
             "/credentials/{api_key}",
             Need::ScopeOrSelf(CREDENTIALS_READ),
@@ -79,6 +85,12 @@ fn table() -> Routes {
             "/credentials/{api_key}",
             Need::Scope(CREDENTIALS_WRITE),
             patch(handlers::update),
+        )
+        .protected(
+            Method::POST,
+            "/credentials/{api_key}/roll",
+            Need::ScopeOrSelf(CREDENTIALS_WRITE),
+            post(handlers::roll),
         )
         // Every method on every path under it: proxies forward the original method and
         // append the original path (SPEC §7.4). It checks the scopes a request asks for.
@@ -259,6 +271,11 @@ mod tests {
             [
                 (Method::GET, "/credentials", Need::Scope(CREDENTIALS_READ)),
                 (
+                    Method::POST,
+                    "/credentials/issue",
+                    Need::Scope(CREDENTIALS_WRITE)
+                ),
+                (
                     Method::GET,
                     "/credentials/{api_key}",
                     Need::ScopeOrSelf(CREDENTIALS_READ)
@@ -272,6 +289,11 @@ mod tests {
                     Method::PATCH,
                     "/credentials/{api_key}",
                     Need::Scope(CREDENTIALS_WRITE)
+                ),
+                (
+                    Method::POST,
+                    "/credentials/{api_key}/roll",
+                    Need::ScopeOrSelf(CREDENTIALS_WRITE)
                 ),
             ]
         );

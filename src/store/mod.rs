@@ -210,6 +210,22 @@ impl Update {
     }
 }
 
+/// Result of a roll (SPEC §8.2). Anything but `Rolled` wrote nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rolled {
+    /// The new credential, durably registered with the old one's attributes; the old one's
+    /// expiry was moved to the end of the grace period.
+    Rolled(Box<CredentialRecord>),
+    /// The old key was never registered.
+    NotFound,
+    /// The old key is revoked.
+    Revoked,
+    /// The old key is past its expiry.
+    Expired,
+    /// The new key is registered already.
+    Duplicate,
+}
+
 /// Result of an update.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Updated {
@@ -387,6 +403,17 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Changes the attributes of a credential that is not revoked.
     async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError>;
+
+    /// Registers `new` (derived with master key `master_key_id`) with the attributes of the
+    /// active, unexpired credential `old`, and moves `old`'s expiry to `old_until` unless it
+    /// ends sooner: both in one transaction, or neither.
+    async fn roll(
+        &self,
+        old: &ApiKey,
+        new: &ApiKey,
+        master_key_id: &str,
+        old_until: DateTime<Utc>,
+    ) -> Result<Rolled, StoreError>;
 
     /// One credential, revoked or not.
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError>;

@@ -17,11 +17,12 @@ use tokio::sync::broadcast;
 
 use super::{
     AbortOnDrop, AuthRecord, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialRow,
-    CredentialStore, ListQuery, NewCredential, Registration, Revocation, StoreError, StoreSettings,
-    Update, Updated, credential_columns, select_credential, timed,
+    CredentialStore, ListQuery, NewCredential, Registration, Revocation, Rolled, StoreError,
+    StoreSettings, Update, Updated, credential_columns, select_credential, timed,
 };
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
+use chrono::{DateTime, Utc};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -204,6 +205,65 @@ impl CredentialStore for PgStore {
             None => Updated::NotFound,
             Some(_) => Updated::Revoked,
         })
+    }
+
+    async fn roll(
+        &self,
+        old: &ApiKey,
+        new: &ApiKey,
+        master_key_id: &str,
+        old_until: DateTime<Utc>,
+    ) -> Result<Rolled, StoreError> {
+        let rolled = timed(
+            &self.metrics,
+            "roll",
+            retrying(|| async {
+                let mut tx = self.pool.begin().await?;
+                // Locked: a revocation or another roll of the old key waits for this one.
+                let row: Option<(bool, Option<DateTime<Utc>>)> = sqlx::query_as(
+                    "SELECT active, expires_at FROM api_credential WHERE api_key = $1 FOR UPDATE",
+                )
+                .bind(old.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                match row {
+                    None => return Ok(Rolled::NotFound),
+                    Some((false, _)) => return Ok(Rolled::Revoked),
+                    Some((true, Some(at))) if at <= Utc::now() => return Ok(Rolled::Expired),
+                    Some(_) => {}
+                }
+                let inserted = sqlx::query(
+                    "INSERT INTO api_credential \
+                     (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+                     SELECT $1, name, owner, meta, scopes, expires_at, $2 FROM api_credential \
+                     WHERE api_key = $3 ON CONFLICT (api_key) DO NOTHING",
+                )
+                .bind(new.as_str())
+                .bind(master_key_id)
+                .bind(old.as_str())
+                .execute(&mut *tx)
+                .await?;
+                if inserted.rows_affected() != 1 {
+                    return Ok(Rolled::Duplicate);
+                }
+                sqlx::query(
+                    "UPDATE api_credential SET expires_at = $1 \
+                     WHERE api_key = $2 AND (expires_at IS NULL OR expires_at > $1)",
+                )
+                .bind(old_until)
+                .bind(old.as_str())
+                .execute(&mut *tx)
+                .await?;
+                let row: CredentialRow = sqlx::query_as(select_credential!("WHERE api_key = $1"))
+                    .bind(new.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Rolled::Rolled(Box::new(row.into())))
+            }),
+        )
+        .await?;
+        Ok(rolled)
     }
 
     async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {

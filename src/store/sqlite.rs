@@ -21,12 +21,13 @@ use tokio::task::JoinHandle;
 
 use super::{
     AbortOnDrop, AuthRecord, CHANGE_FEED_CAPACITY, Change, CredentialRecord, CredentialRow,
-    CredentialStore, ListQuery, NewCredential, Registration, Revocation, StoreError, Update,
-    Updated, credential_columns, select_credential, timed,
+    CredentialStore, ListQuery, NewCredential, Registration, Revocation, Rolled, StoreError,
+    Update, Updated, credential_columns, select_credential, timed,
 };
 use crate::attributes::format_time;
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
+use chrono::{DateTime, Utc};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -67,6 +68,10 @@ enum WriteOp {
         update: Box<Update>,
         reply: oneshot::Sender<Result<Updated, StoreError>>,
     },
+    Roll {
+        roll: Box<Roll>,
+        reply: oneshot::Sender<Result<Rolled, StoreError>>,
+    },
     Revoke {
         key: ApiKey,
         by: Option<ApiKey>,
@@ -78,9 +83,18 @@ enum WriteOp {
     },
 }
 
+/// A roll's inputs, boxed in the queue.
+struct Roll {
+    old: ApiKey,
+    new: ApiKey,
+    master_key_id: String,
+    old_until: DateTime<Utc>,
+}
+
 enum Outcome {
     Registration(Registration),
     Update(Updated),
+    Roll(Rolled),
     Revocation(Revocation),
     Probe,
 }
@@ -468,6 +482,12 @@ fn answer(
                     _ => Err(mismatch()),
                 }));
             }
+            WriteOp::Roll { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Roll(r) => Ok(r),
+                    _ => Err(mismatch()),
+                }));
+            }
             WriteOp::Probe { reply } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::Probe => Ok(()),
@@ -494,6 +514,7 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
             WriteOp::Update { key, update, .. } => {
                 self::update(conn, key, update).await.map(Outcome::Update)
             }
+            WriteOp::Roll { roll, .. } => self::roll(conn, roll).await.map(Outcome::Roll),
             WriteOp::Revoke { key, by, .. } => sqlx::query(
                 "UPDATE api_credential SET active = 0, revoked_by = ? WHERE api_key = ? AND active = 1",
             )
@@ -596,8 +617,67 @@ async fn update(
     })
 }
 
+/// Rolls within the writer's transaction: the checks, the new row and the old one's expiry
+/// commit together (a failure rolls back the batch, and the writer retries each write alone).
+async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::Error> {
+    let row: Option<(bool, Option<DateTime<Utc>>)> =
+        sqlx::query_as("SELECT active, expires_at FROM api_credential WHERE api_key = ?")
+            .bind(roll.old.as_str())
+            .fetch_optional(&mut *conn)
+            .await?;
+    match row {
+        None => return Ok(Rolled::NotFound),
+        Some((false, _)) => return Ok(Rolled::Revoked),
+        Some((true, Some(at))) if at <= Utc::now() => return Ok(Rolled::Expired),
+        Some(_) => {}
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO api_credential \
+         (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+         SELECT ?1, name, owner, meta, scopes, expires_at, ?2 FROM api_credential \
+         WHERE api_key = ?3 ON CONFLICT (api_key) DO NOTHING",
+    )
+    .bind(roll.new.as_str())
+    .bind(roll.master_key_id.as_str())
+    .bind(roll.old.as_str())
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() != 1 {
+        return Ok(Rolled::Duplicate);
+    }
+    sqlx::query(
+        "UPDATE api_credential SET expires_at = ?1 \
+         WHERE api_key = ?2 AND (expires_at IS NULL OR expires_at > ?1)",
+    )
+    .bind(format_time(&roll.old_until))
+    .bind(roll.old.as_str())
+    .execute(&mut *conn)
+    .await?;
+    let new: CredentialRow = sqlx::query_as(select_credential!("WHERE api_key = ?"))
+        .bind(roll.new.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(Rolled::Rolled(Box::new(new.into())))
+}
+
 #[async_trait]
 impl CredentialStore for SqliteStore {
+    async fn roll(
+        &self,
+        old: &ApiKey,
+        new: &ApiKey,
+        master_key_id: &str,
+        old_until: DateTime<Utc>,
+    ) -> Result<Rolled, StoreError> {
+        let roll = Box::new(Roll {
+            old: old.clone(),
+            new: new.clone(),
+            master_key_id: master_key_id.to_owned(),
+            old_until,
+        });
+        self.write(|reply| WriteOp::Roll { roll, reply }).await
+    }
+
     async fn register(&self, new: &NewCredential) -> Result<Registration, StoreError> {
         let new = Box::new(new.clone());
         self.write(|reply| WriteOp::Register { new, reply }).await

@@ -46,6 +46,7 @@ macro_rules! contract_tests {
 
 mod api;
 mod cache_and_storage;
+mod lifecycle;
 mod privileges;
 mod process;
 mod upgrade;
