@@ -13,7 +13,7 @@ use prometheus::IntCounter;
 use tokio::sync::broadcast;
 
 use crate::attributes::{Interner, ScopeSet};
-use crate::credential::{ApiKey, ApiSecret, SecretDeriver};
+use crate::credential::{ApiKey, ApiSecret, KeyRing};
 use crate::store::{AbortOnDrop, AuthRecord, Change, CredentialStore, StoreError};
 use crate::telemetry::Metrics;
 
@@ -178,7 +178,9 @@ pub struct Authenticator {
 }
 
 struct Inner {
-    deriver: SecretDeriver,
+    /// The master keys; replaced whole when the key file is reloaded. Read on every request
+    /// without a lock.
+    keys: arc_swap::ArcSwap<KeyRing>,
     store: Arc<dyn CredentialStore>,
     /// Keys known active; `None` when caching is disabled. Hashed with foldhash rather than
     /// SipHash: only keys whose secret passed the HMAC check get here, so nobody without the
@@ -207,7 +209,7 @@ const MAX_FORGOTTEN: usize = 10_000;
 impl Authenticator {
     /// Builds an authenticator over a store.
     pub fn new(
-        deriver: SecretDeriver,
+        keys: impl Into<KeyRing>,
         store: Arc<dyn CredentialStore>,
         cache: CacheSettings,
         metrics: Metrics,
@@ -221,7 +223,7 @@ impl Authenticator {
         let changes = store.subscribe();
         let outcomes = AuthOutcome::LABELS.map(|label| metrics.auth_counter(label));
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| Inner {
-            deriver,
+            keys: arc_swap::ArcSwap::from_pointee(keys.into()),
             store,
             cache,
             scope_sets: Interner::default(),
@@ -255,7 +257,9 @@ impl Authenticator {
         let secret = secret
             .and_then(|v| ApiSecret::parse(v).ok())
             .ok_or(AuthOutcome::RejectedForm)?;
-        if !self.inner.deriver.verify(&key, &secret) {
+        // Every request, cached or not: a credential of a key removed from the ring fails
+        // here at once, whatever the cache holds.
+        if self.inner.keys.load().verify(&key, &secret).is_none() {
             return Err(AuthOutcome::RejectedDerivation);
         }
         let Some(cache) = &self.inner.cache else {
@@ -334,9 +338,16 @@ impl Authenticator {
         self.inner.cache.as_ref().map_or(0, |c| c.entry_count())
     }
 
-    /// The deriver this authenticator checks secrets with.
-    pub fn deriver(&self) -> &SecretDeriver {
-        &self.inner.deriver
+    /// The master keys secrets are checked with (the first mints).
+    pub fn keys(&self) -> Arc<KeyRing> {
+        self.inner.keys.load_full()
+    }
+
+    /// Replaces the master keys (a reload of the key file). Credentials derived from a key
+    /// that is no longer in the ring fail authentication from the next request on, cached or
+    /// not, since every request checks its derivation first.
+    pub fn replace_keys(&self, keys: KeyRing) {
+        self.inner.keys.store(Arc::new(keys));
     }
 }
 
@@ -513,8 +524,8 @@ mod tests {
         }
     }
 
-    fn deriver() -> SecretDeriver {
-        SecretDeriver::new(&MasterKey::from_bytes([7; 32]))
+    fn deriver() -> crate::credential::SecretDeriver {
+        crate::credential::SecretDeriver::new(&MasterKey::from_bytes([7; 32]))
     }
 
     /// A [`HeldStore`] answering "active" that has already served `lookups` lookups (the

@@ -15,7 +15,7 @@ use anyhow::Context;
 
 use crate::attributes::Scopes;
 use crate::connections;
-use crate::credential::{MasterKey, MasterKeyFormatError};
+use crate::credential::{KeyRing, MasterKey, MasterKeyFileError};
 use crate::store::{DatabaseTarget, StoreSettings};
 use crate::telemetry::LogFormat;
 
@@ -210,12 +210,24 @@ pub enum WhenMissing {
     Fail,
 }
 
-/// Loads the master key from the first source that applies.
+/// Loads the master keys from the first source that applies (a file may hold several; the
+/// first mints).
 pub fn load_master_key(
     file: Option<&Path>,
     data_dir: &Path,
     missing: WhenMissing,
-) -> anyhow::Result<(MasterKey, KeySource)> {
+) -> anyhow::Result<(KeyRing, KeySource)> {
+    let (keys, source) = load_master_keys(file, data_dir, missing)?;
+    let ring = KeyRing::new(&keys).context("no master key")?;
+    Ok((ring, source))
+}
+
+/// The master keys themselves, from the first source that applies.
+pub fn load_master_keys(
+    file: Option<&Path>,
+    data_dir: &Path,
+    missing: WhenMissing,
+) -> anyhow::Result<(Vec<MasterKey>, KeySource)> {
     resolve_master_key(
         file,
         EMBEDDED_MASTER_KEY.filter(|k| !k.is_empty()),
@@ -229,14 +241,14 @@ fn resolve_master_key(
     embedded: Option<&str>,
     data_dir: &Path,
     missing: WhenMissing,
-) -> anyhow::Result<(MasterKey, KeySource)> {
+) -> anyhow::Result<(Vec<MasterKey>, KeySource)> {
     if let Some(path) = file {
-        let key = read_key_file(path)?;
-        return Ok((key, KeySource::File(path.to_owned())));
+        let keys = read_key_file(path)?;
+        return Ok((keys, KeySource::File(path.to_owned())));
     }
     if let Some(hex) = embedded {
         let key = MasterKey::from_hex(hex).context("the master key embedded at build time")?;
-        return Ok((key, KeySource::Embedded));
+        return Ok((vec![key], KeySource::Embedded));
     }
     let path = data_dir.join(MASTER_KEY_FILE_NAME);
     match fs::metadata(&path) {
@@ -248,20 +260,20 @@ fn resolve_master_key(
             )
         }
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            let (key, created) = create_key_file(&path)?;
-            Ok((key, KeySource::DataDir(path, created)))
+            let (keys, created) = create_key_file(&path)?;
+            Ok((keys, KeySource::DataDir(path, created)))
         }
         Err(e) => Err(e).with_context(|| format!("cannot read master key file {}", path.display())),
     }
 }
 
-fn read_key_file(path: &Path) -> anyhow::Result<MasterKey> {
+fn read_key_file(path: &Path) -> anyhow::Result<Vec<MasterKey>> {
     let bytes = fs::read(path)
         .with_context(|| format!("cannot read master key file {}", path.display()))?;
     // Text that is not UTF-8 was read fine: it is a malformed key, not an unreadable file.
     let key = std::str::from_utf8(&bytes)
-        .map_err(|_| MasterKeyFormatError)
-        .and_then(MasterKey::from_hex)
+        .map_err(|_| MasterKeyFileError::Line(1))
+        .and_then(MasterKey::parse_file)
         .with_context(|| format!("malformed master key file {}", path.display()))?;
     if let Ok(meta) = fs::metadata(path)
         && meta.permissions().mode() & 0o077 != 0
@@ -283,7 +295,7 @@ pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
 /// Writes a fresh key to `path` without ever clobbering one: written to a private temp
 /// file, synced, then hard-linked into place. If another process won the race, its key is
 /// used. Returns the key and whether this call created it.
-fn create_key_file(path: &Path) -> anyhow::Result<(MasterKey, bool)> {
+fn create_key_file(path: &Path) -> anyhow::Result<(Vec<MasterKey>, bool)> {
     let dir = path.parent().unwrap_or(Path::new("."));
     ensure_data_dir(dir)?;
     let key = MasterKey::generate();
@@ -299,7 +311,7 @@ fn create_key_file(path: &Path) -> anyhow::Result<(MasterKey, bool)> {
             if let Ok(d) = fs::File::open(dir) {
                 let _ = d.sync_all();
             }
-            Ok((key, true))
+            Ok((vec![key], true))
         }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok((read_key_file(path)?, false)),
         Err(e) => {
@@ -336,7 +348,7 @@ mod tests {
         let (key, source) =
             resolve_master_key(Some(&file), Some(HEX_B), dir.path(), WhenMissing::Generate)
                 .unwrap();
-        assert_eq!(key, MasterKey::from_hex(HEX_A).unwrap());
+        assert_eq!(key, [MasterKey::from_hex(HEX_A).unwrap()]);
         assert_eq!(source, KeySource::File(file));
         assert!(!dir.path().join(MASTER_KEY_FILE_NAME).exists());
     }
@@ -346,7 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (key, source) =
             resolve_master_key(None, Some(HEX_B), dir.path(), WhenMissing::Generate).unwrap();
-        assert_eq!(key, MasterKey::from_hex(HEX_B).unwrap());
+        assert_eq!(key, [MasterKey::from_hex(HEX_B).unwrap()]);
         assert_eq!(source, KeySource::Embedded);
         assert!(resolve_master_key(None, Some("abc"), dir.path(), WhenMissing::Generate).is_err());
     }
@@ -387,6 +399,7 @@ mod tests {
 
     // ---- Properties ----------------------------------------------------------------------
 
+    use crate::credential::MAX_MASTER_KEYS;
     use crate::credential::testing::{MASTER_KEY_FORM, master_key_like};
     use proptest::prelude::*;
 
@@ -398,6 +411,17 @@ mod tests {
         fn a_key_file_is_accepted_exactly_when_the_spec_says(contents in prop_oneof![
             prop::collection::vec(any::<u8>(), 0..80),
             master_key_like().prop_map(String::into_bytes),
+            // Several keys, comments and blank lines.
+            prop::collection::vec(
+                prop_oneof![
+                    3 => master_key_like(),
+                    1 => Just("# old key, remove after the roll\n".to_owned()),
+                    1 => Just("  \n".to_owned()),
+                    1 => Just(format!("{HEX_A}\n")),
+                ],
+                0..11,
+            )
+            .prop_map(|lines| lines.concat().into_bytes()),
             // A valid key with one byte that is not UTF-8.
             (master_key_like(), 0..64usize, 0x80..=0xffu8).prop_map(|(text, at, byte)| {
                 let mut bytes = text.into_bytes();
@@ -410,12 +434,26 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("key");
             fs::write(&path, &contents).unwrap();
-            let valid = std::str::from_utf8(&contents).is_ok_and(|t| MASTER_KEY_FORM.is_match(t));
+            // SPEC §1 and §8.3: one key per line, 64 hex characters; blank lines and lines
+            // starting (after blanks) with `#` ignored; 1 to 8 distinct keys.
+            let lines: Option<Vec<String>> = std::str::from_utf8(&contents).ok().map(|t| {
+                t.lines()
+                    .filter(|l| !l.trim().is_empty() && !l.trim().starts_with('#'))
+                    .map(str::to_ascii_lowercase)
+                    .collect()
+            });
+            let valid = lines.as_ref().is_some_and(|keys| {
+                let distinct: std::collections::HashSet<&String> = keys.iter().collect();
+                (1..=MAX_MASTER_KEYS).contains(&keys.len())
+                    && distinct.len() == keys.len()
+                    && keys.iter().all(|k| MASTER_KEY_FORM.is_match(k) && k.len() == 64)
+            });
             match read_key_file(&path) {
-                Ok(key) => {
+                Ok(keys) => {
                     prop_assert!(valid, "accepted {contents:?}");
-                    let text = std::str::from_utf8(&contents).unwrap();
-                    prop_assert_eq!(Ok(key), MasterKey::from_hex(text));
+                    let lines = lines.unwrap();
+                    prop_assert_eq!(keys.len(), lines.len());
+                    prop_assert_eq!(Ok(keys[0].clone()), MasterKey::from_hex(&lines[0]));
                 }
                 Err(e) => {
                     prop_assert!(!valid, "refused {contents:?}: {e:#}");

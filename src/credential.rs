@@ -192,6 +192,54 @@ impl MasterKey {
     }
 }
 
+/// Why a master key file could not be read: no key, a malformed line, or too many keys.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MasterKeyFileError {
+    /// No line holds a key.
+    #[error("the file holds no key (one per line: 64 hexadecimal characters)")]
+    Empty,
+    /// A line is not a key.
+    #[error(
+        "line {0} is not a key (64 hexadecimal characters; blank lines and lines starting with # are ignored)"
+    )]
+    Line(usize),
+    /// More keys than a forged secret may cost HMACs.
+    #[error("the file holds more than {MAX_MASTER_KEYS} keys")]
+    TooMany,
+    /// The same key twice.
+    #[error("line {0} repeats a key")]
+    Repeated(usize),
+}
+
+/// Most master keys configured at once: a forged secret costs one HMAC per key (SPEC §8.3).
+pub const MAX_MASTER_KEYS: usize = 8;
+
+impl MasterKey {
+    /// Parses a key file: one key per line (64 hex characters); blank lines and lines whose
+    /// first non-blank character is `#` are ignored. The first key mints; all verify.
+    pub fn parse_file(text: &str) -> Result<Vec<Self>, MasterKeyFileError> {
+        let mut keys: Vec<Self> = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let content = line.trim();
+            if content.is_empty() || content.starts_with('#') {
+                continue;
+            }
+            let key = Self::from_hex(line).map_err(|_| MasterKeyFileError::Line(n + 1))?;
+            if keys.contains(&key) {
+                return Err(MasterKeyFileError::Repeated(n + 1));
+            }
+            keys.push(key);
+            if keys.len() > MAX_MASTER_KEYS {
+                return Err(MasterKeyFileError::TooMany);
+            }
+        }
+        if keys.is_empty() {
+            return Err(MasterKeyFileError::Empty);
+        }
+        Ok(keys)
+    }
+}
+
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("MasterKey(<redacted>)")
@@ -242,6 +290,46 @@ impl SecretDeriver {
         words(&self.secret_for(key).0)
             .ct_eq(&words(&secret.0))
             .into()
+    }
+}
+
+/// The configured master keys (SPEC §8.3): the first mints, every one verifies. Never empty.
+#[derive(Clone, Debug)]
+pub struct KeyRing {
+    derivers: Vec<SecretDeriver>,
+}
+
+impl KeyRing {
+    /// The ring of these keys, the first one minting. `None` when there is none.
+    pub fn new(keys: &[MasterKey]) -> Option<Self> {
+        (!keys.is_empty()).then(|| Self {
+            derivers: keys.iter().map(SecretDeriver::new).collect(),
+        })
+    }
+
+    /// The deriver that mints new pairs.
+    pub fn minting(&self) -> &SecretDeriver {
+        // `new` refuses an empty ring.
+        &self.derivers[0]
+    }
+
+    /// The deriver of the key that derived `secret` from `key`, if any configured key did.
+    /// A forged secret costs one HMAC per key.
+    pub fn verify(&self, key: &ApiKey, secret: &ApiSecret) -> Option<&SecretDeriver> {
+        self.derivers.iter().find(|d| d.verify(key, secret))
+    }
+
+    /// The ids of the configured keys, the minting one first.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.derivers.iter().map(SecretDeriver::key_id)
+    }
+}
+
+impl From<SecretDeriver> for KeyRing {
+    fn from(deriver: SecretDeriver) -> Self {
+        Self {
+            derivers: vec![deriver],
+        }
     }
 }
 
@@ -406,6 +494,57 @@ mod tests {
         assert!(MasterKey::from_hex(&format!("{hex_text}00")).is_err());
         assert!(MasterKey::from_hex(&hex_text.replace('0', "g")).is_err());
         assert!(MasterKey::from_hex("").is_err());
+    }
+
+    #[test]
+    fn a_key_ring_mints_with_its_first_key_and_verifies_with_all() {
+        let (a, b) = (
+            MasterKey::from_bytes([1; 32]),
+            MasterKey::from_bytes([2; 32]),
+        );
+        let ring = KeyRing::new(&[b.clone(), a.clone()]).unwrap();
+        let (old, new) = (SecretDeriver::new(&a), SecretDeriver::new(&b));
+        assert_eq!(ring.minting().key_id(), new.key_id());
+        assert_eq!(
+            ring.key_ids().collect::<Vec<_>>(),
+            [new.key_id(), old.key_id()]
+        );
+        let key = ApiKey::generate();
+        for deriver in [&old, &new] {
+            let verified = ring.verify(&key, &deriver.secret_for(&key)).unwrap();
+            assert_eq!(verified.key_id(), deriver.key_id());
+        }
+        let other = SecretDeriver::new(&MasterKey::from_bytes([3; 32]));
+        assert!(ring.verify(&key, &other.secret_for(&key)).is_none());
+        assert!(KeyRing::new(&[]).is_none());
+        // Ids are 16 lowercase hex characters, and differ between keys.
+        assert_eq!(old.key_id().len(), 16);
+        assert_ne!(old.key_id(), new.key_id());
+    }
+
+    #[test]
+    fn key_files_hold_up_to_eight_distinct_keys() {
+        let hex = |b: u8| hex::encode([b; 32]);
+        let text = format!("# rotation\n\n{}\n  # old\n{}\r\n", hex(1), hex(2));
+        assert_eq!(MasterKey::parse_file(&text).unwrap().len(), 2);
+        assert_eq!(
+            MasterKey::parse_file("# none\n\n"),
+            Err(MasterKeyFileError::Empty)
+        );
+        assert_eq!(
+            MasterKey::parse_file(&format!("{}\nnope\n", hex(1))),
+            Err(MasterKeyFileError::Line(2))
+        );
+        assert_eq!(
+            MasterKey::parse_file(&format!("{}\n{}\n", hex(1), hex(1).to_uppercase())),
+            Err(MasterKeyFileError::Repeated(2))
+        );
+        let nine: String = (1..=9).map(|b| format!("{}\n", hex(b))).collect();
+        assert_eq!(
+            MasterKey::parse_file(&nine),
+            Err(MasterKeyFileError::TooMany)
+        );
+        assert_eq!(MasterKey::parse_file(&nine[..65 * 8]).unwrap().len(), 8);
     }
 
     // ---- Properties ----------------------------------------------------------------------

@@ -19,7 +19,6 @@ use tower::ServiceExt;
 use crate::auth::{Authenticator, CacheSettings};
 use crate::config::{self, Config, KeySource};
 use crate::connections::{self, AcceptFailures, Admitted, Connections};
-use crate::credential::SecretDeriver;
 use crate::http::{self, AppState};
 use crate::store::{self, DatabaseTarget};
 use crate::telemetry::Metrics;
@@ -55,8 +54,9 @@ impl Application {
             .check_writable()
             .await
             .map_err(|e| anyhow::anyhow!("the database does not accept writes: {}", e.report()))?;
+        let ids: Vec<String> = master.key_ids().map(str::to_owned).collect();
         let auth = Authenticator::new(
-            SecretDeriver::new(&master),
+            master,
             store.clone(),
             CacheSettings {
                 ttl: config.cache_ttl,
@@ -78,9 +78,9 @@ impl Application {
         // Logged only now, so a failed start-up prints nothing but its one error line.
         match &source {
             KeySource::DataDir(path, true) => {
-                tracing::info!(path = %path.display(), "generated a new master key")
+                tracing::info!(path = %path.display(), master_key_ids = ?ids, "generated a new master key")
             }
-            source => tracing::info!(?source, "master key loaded"),
+            source => tracing::info!(?source, master_key_ids = ?ids, "master keys loaded"),
         }
         warn_if_descriptors_fall_short(max_connections, database_descriptors);
         Ok(Self {
@@ -249,6 +249,35 @@ pub fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
         tokio::select! {
             _ = interrupt.recv() => tracing::info!("SIGINT received"),
             _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    })
+}
+
+/// Re-reads the master keys on every `SIGHUP` (SPEC §8.3), from the same source as at start
+/// (`file`, else the data dir's key file). A key file that cannot be read or holds no valid
+/// key changes nothing and logs an error; a good one replaces the ring at once. The handler is
+/// installed when this is called, so call it before the service announces it is ready: a
+/// `SIGHUP` before that would end the process.
+pub fn reload_keys_on_hangup(
+    auth: Authenticator,
+    file: Option<std::path::PathBuf>,
+    data_dir: std::path::PathBuf,
+) -> anyhow::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    Ok(async move {
+        while hangup.recv().await.is_some() {
+            match config::load_master_key(file.as_deref(), &data_dir, config::WhenMissing::Fail) {
+                Ok((keys, source)) => {
+                    let ids: Vec<&str> = keys.key_ids().collect();
+                    tracing::info!(master_key_ids = ?ids, ?source, "master keys reloaded");
+                    auth.replace_keys(keys);
+                }
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "master keys not reloaded; the keys in use stay in use"
+                ),
+            }
         }
     })
 }

@@ -7,7 +7,7 @@ use clap::{Args, ValueEnum};
 
 use super::{DataDirArgs, MasterKeyArgs};
 use credgate::config::WhenMissing;
-use credgate::credential::{ApiKey, SecretDeriver};
+use credgate::credential::ApiKey;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Format {
@@ -36,7 +36,8 @@ pub(super) struct IssueArgs {
 const PROGRESS_FROM: u64 = 10_000;
 
 pub(super) fn run(args: IssueArgs) -> anyhow::Result<ExitCode> {
-    let deriver = SecretDeriver::new(&args.key.load(&args.data, WhenMissing::Generate)?);
+    let keys = args.key.load(&args.data, WhenMissing::Generate)?;
+    let deriver = keys.minting();
     let stdout = io::stdout();
     let mut out = io::BufWriter::new(stdout.lock());
     let progress = args.count >= PROGRESS_FROM && io::stderr().is_terminal();

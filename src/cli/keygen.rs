@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use credgate::config::write_private;
-use credgate::credential::MasterKey;
+use credgate::credential::{MasterKey, SecretDeriver};
 
 #[derive(Debug, Args)]
 pub(super) struct KeygenArgs {
@@ -18,12 +18,19 @@ pub(super) struct KeygenArgs {
 
 pub(super) fn run(args: KeygenArgs) -> anyhow::Result<ExitCode> {
     let key = MasterKey::generate();
+    let id = SecretDeriver::new(&key).key_id().to_owned();
     match args.out {
         Some(path) => {
             write_private(&path, key.to_hex_line().as_bytes())?;
-            eprintln!("wrote a new master key to {}", path.display());
+            eprintln!(
+                "wrote a new master key to {} (master_key_id {id})",
+                path.display()
+            );
         }
-        None => print!("{}", key.to_hex_line()),
+        None => {
+            print!("{}", key.to_hex_line());
+            eprintln!("master_key_id {id}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,12 +9,13 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use credgate::config::{self, DEFAULT_DATA_DIR, WhenMissing};
-use credgate::credential::MasterKey;
+use credgate::credential::KeyRing;
 use credgate::store::{self, CredentialStore, DatabaseTarget};
 use credgate::telemetry::{self, LogFormat, Metrics};
 
 mod issue;
 mod keygen;
+mod keys;
 mod list;
 mod migrate;
 mod revoke;
@@ -37,6 +38,8 @@ enum Command {
     Issue(issue::IssueArgs),
     /// Write a new random master key.
     Keygen(keygen::KeygenArgs),
+    /// Print the ids of the configured master keys (never the keys), the minting one first.
+    Keys(keys::KeysArgs),
     /// Check a pair offline: exit 0 when valid, 1 when not.
     Verify(verify::VerifyArgs),
     /// Apply the schema to the database.
@@ -58,6 +61,7 @@ impl Cli {
             Command::Serve(args) => serve::run(args).await,
             Command::Issue(args) => issue::run(args),
             Command::Keygen(args) => keygen::run(args),
+            Command::Keys(args) => keys::run(args),
             Command::Verify(args) => verify::run(args),
             Command::Migrate(args) => migrate::run(args).await,
             Command::List(args) => list::run(args).await,
@@ -77,13 +81,14 @@ struct DataDirArgs {
 /// Where the master key is, when not in the data dir.
 #[derive(Debug, Args)]
 struct MasterKeyArgs {
-    /// File holding the master key (64 hex characters).
+    /// File holding the master keys: one per line (64 hex characters), the first mints, all
+    /// verify; blank lines and `#` comments are ignored.
     #[arg(long, env = "CREDGATE_MASTER_KEY_FILE")]
     master_key_file: Option<PathBuf>,
 }
 
 impl MasterKeyArgs {
-    fn load(&self, data: &DataDirArgs, missing: WhenMissing) -> anyhow::Result<MasterKey> {
+    fn load(&self, data: &DataDirArgs, missing: WhenMissing) -> anyhow::Result<KeyRing> {
         config::load_master_key(self.master_key_file.as_deref(), &data.data_dir, missing)
             .map(|(key, _)| key)
     }

@@ -148,7 +148,10 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let shutdown = startup::shutdown_signal()?;
+    let (key_file, data_dir) = (config.master_key_file.clone(), config.data_dir.clone());
     let app = Application::build(config).await?;
+    let reload = startup::reload_keys_on_hangup(app.state().auth.clone(), key_file, data_dir)?;
+    tokio::spawn(reload);
     // The process ends right after the service stops, and the operating system reclaims its
     // memory at once; freeing the authentication cache entry by entry on the way out would
     // only delay the exit (about 0.4 s per 100 000 cached credentials, measured). So one handle

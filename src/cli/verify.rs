@@ -6,7 +6,7 @@ use clap::Args;
 
 use super::{DataDirArgs, MasterKeyArgs};
 use credgate::config::WhenMissing;
-use credgate::credential::{ApiKey, ApiSecret, SecretDeriver};
+use credgate::credential::{ApiKey, ApiSecret};
 
 #[derive(Debug, Args)]
 pub(super) struct VerifyArgs {
@@ -23,7 +23,7 @@ pub(super) struct VerifyArgs {
 }
 
 pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let deriver = SecretDeriver::new(&args.key.load(&args.data, WhenMissing::Fail)?);
+    let keys = args.key.load(&args.data, WhenMissing::Fail)?;
     let key = match ApiKey::parse(&args.api_key) {
         Ok(key) => key,
         Err(e) => return Ok(invalid(&format!("api_key {e}"))),
@@ -32,8 +32,8 @@ pub(super) fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         Ok(secret) => secret,
         Err(e) => return Ok(invalid(&format!("api_secret {e}"))),
     };
-    if deriver.verify(&key, &secret) {
-        println!("valid");
+    if let Some(deriver) = keys.verify(&key, &secret) {
+        println!("valid (master key {})", deriver.key_id());
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(invalid("api_secret is not the derivation of api_key"))

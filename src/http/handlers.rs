@@ -88,10 +88,10 @@ pub(super) async fn register(
     {
         return Err(ApiError::scope(missing));
     }
-    let deriver = state.auth.deriver();
-    if !deriver.verify(&key, &secret) {
-        return Err(ApiError::InvalidCredential);
-    }
+    let keys = state.auth.keys();
+    let deriver = keys
+        .verify(&key, &secret)
+        .ok_or(ApiError::InvalidCredential)?;
     let new = NewCredential {
         api_key: key.clone(),
         name: attributes.name.flatten(),
@@ -172,7 +172,8 @@ pub(super) async fn issue(
     if let Some(missing) = scopes.first_missing(caller.profile.scopes()) {
         return Err(ApiError::scope(missing));
     }
-    let deriver = state.auth.deriver();
+    let keys = state.auth.keys();
+    let deriver = keys.minting();
     let mut new = NewCredential {
         api_key: ApiKey::generate(),
         name: attributes.name.flatten(),
@@ -236,7 +237,8 @@ pub(super) async fn roll(
             })?,
     };
     let until = Utc::now() + chrono::Duration::seconds(grace);
-    let deriver = state.auth.deriver();
+    let keys = state.auth.keys();
+    let deriver = keys.minting();
     let mut rolled = None;
     // Like issuing: a second fresh key only if the first was taken.
     for _ in 0..2 {

@@ -859,3 +859,111 @@ async fn privilege_flags_and_their_environment_variables() {
         assert!(stderr(&out).contains(flag), "{flag}: {}", stderr(&out));
     }
 }
+
+/// SPEC §8.3: a key file with several keys, reloaded by SIGHUP on a running server. The first
+/// key mints, every key verifies; a malformed file changes nothing; a removed key's
+/// credentials are refused at once, cached ones too.
+#[tokio::test]
+async fn master_keys_rotate_on_sighup_without_a_restart() {
+    use credgate::credential::{ApiKey, MasterKey, SecretDeriver};
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.keys");
+    let data = dir.path().join("data");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let server = ServerProcess::start(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--master-key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    let reloads = |message: &'static str| {
+        let server = &server;
+        move || server.messages().iter().filter(|m| *m == message).count()
+    };
+    let (reloaded, refused_reload) = (
+        reloads("master keys reloaded"),
+        reloads("master keys not reloaded; the keys in use stay in use"),
+    );
+    let old_id = deriver().key_id().to_owned();
+    let new_hex = "09".repeat(32);
+    let new = SecretDeriver::new(&MasterKey::from_hex(&new_hex).unwrap());
+    let admin = server.registered().await;
+    assert_eq!(server.verify(&admin).await, StatusCode::NO_CONTENT);
+    assert_eq!(server.verify(&admin).await, StatusCode::NO_CONTENT);
+
+    // 1. Add the new key in front: it mints from now on; the old one still verifies.
+    std::fs::write(
+        &key_file,
+        format!("# new key first: it mints\n{new_hex}\n\n# old key, until every credential is rolled\n{MASTER_HEX}\n"),
+    )
+    .unwrap();
+    server.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || async { reloaded() == 1 }).await);
+    let resp = server
+        .request(Method::POST, "/credentials/issue", Some(&admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let issued: Value = resp.json().await.unwrap();
+    let issued = Pair {
+        key: issued["api_key"].as_str().unwrap().to_owned(),
+        secret: issued["api_secret"].as_str().unwrap().to_owned(),
+    };
+    let key = ApiKey::parse(&issued.key).unwrap();
+    assert_eq!(new.secret_for(&key).expose(), issued.secret);
+    assert_eq!(server.verify(&issued).await, StatusCode::NO_CONTENT);
+    assert_eq!(server.verify(&admin).await, StatusCode::NO_CONTENT);
+    assert_eq!(
+        server.record(&issued.key, &admin).await["master_key_id"],
+        new.key_id()
+    );
+    // Who still depends on the old key.
+    let listed: Value = server
+        .send(
+            Method::GET,
+            &format!("/credentials?master_key_id={old_id}"),
+            Some(&admin),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["credentials"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["credentials"][0]["api_key"], admin.key);
+    // `credgate keys` names both, never the keys themselves.
+    let out = run(&["keys", "--master-key-file", key_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            json!({ "master_key_id": new.key_id(), "mints": true }),
+            json!({ "master_key_id": old_id, "mints": false }),
+        ]
+    );
+    assert!(!stdout(&out).contains(&new_hex) && !stdout(&out).contains(MASTER_HEX));
+
+    // 2. A malformed file changes nothing.
+    std::fs::write(&key_file, "not a key\n").unwrap();
+    server.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || async { refused_reload() == 1 }).await);
+    assert_eq!(server.verify(&admin).await, StatusCode::NO_CONTENT);
+    assert_eq!(server.verify(&issued).await, StatusCode::NO_CONTENT);
+
+    // 3. The old key removed: its credential is refused at once, although it is cached.
+    std::fs::write(&key_file, format!("{new_hex}\n")).unwrap();
+    server.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || async { reloaded() == 2 }).await);
+    assert_eq!(server.verify(&admin).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(server.verify(&issued).await, StatusCode::NO_CONTENT);
+    // Registration verifies against the current keys too.
+    assert_eq!(
+        server.register(&mint()).await.status(),
+        StatusCode::FORBIDDEN
+    );
+}

@@ -143,13 +143,18 @@ impl ServerProcess {
             .collect()
     }
 
-    /// Sends a signal and waits (bounded) for the process to exit.
-    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+    /// Sends a signal to the server.
+    pub fn signal(&self, signal: i32) {
         let pid = self.child.id() as i32;
         // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
         unsafe {
             libc::kill(pid, signal);
         }
+    }
+
+    /// Sends a signal and waits (bounded) for the process to exit.
+    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+        self.signal(signal);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
