@@ -264,7 +264,7 @@ impl Authenticator {
         }
         let Some(cache) = &self.inner.cache else {
             self.inner.metrics.cache_miss();
-            let entry = self.load(&key).await?;
+            let entry = self.load(&key, &secret).await?;
             return Ok(Caller {
                 key,
                 profile: entry.profile,
@@ -281,7 +281,7 @@ impl Authenticator {
                 // Concurrent misses on one key share this one lookup; errors are not cached.
                 let entry = cache
                     .entry(key.clone())
-                    .or_try_insert_with(self.load(&key))
+                    .or_try_insert_with(self.load(&key, &secret))
                     .await
                     .map_err(|e| (*e).clone())?;
                 if entry.is_fresh() && self.inner.epoch.load(Ordering::Acquire) != epoch {
@@ -302,13 +302,39 @@ impl Authenticator {
         })
     }
 
-    async fn load(&self, key: &ApiKey) -> Result<Entry, AuthOutcome> {
+    async fn load(&self, key: &ApiKey, secret: &ApiSecret) -> Result<Entry, AuthOutcome> {
         match self.inner.store.lookup(key).await {
-            Ok(Some(record)) => self.inner.entry(record),
+            Ok(Some(record)) => {
+                if record.master_key_id.is_none() {
+                    self.learn_master_key_id(key, secret);
+                }
+                self.inner.entry(record)
+            }
             Ok(None) => Err(AuthOutcome::RejectedUnknown),
             // Logged where the 500 is answered, with its cause.
             Err(e) => Err(AuthOutcome::Failed(e)),
         }
+    }
+
+    /// Records, in the background, which master key derived the secret of a credential
+    /// registered before that was recorded. Once per cache miss of such a credential; a
+    /// failure only leaves it to the next miss.
+    fn learn_master_key_id(&self, key: &ApiKey, secret: &ApiSecret) {
+        let Some(id) = self
+            .inner
+            .keys
+            .load()
+            .verify(key, secret)
+            .map(|d| d.key_id().to_owned())
+        else {
+            return;
+        };
+        let (store, key) = (self.inner.store.clone(), key.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.record_master_key_id(&key, &id).await {
+                tracing::warn!(api_key = %key, error = %e.report(), "cannot record the master key id");
+            }
+        });
     }
 
     /// Drops `key` from the cache at once, after this instance changed its scopes, expiry or
@@ -471,6 +497,7 @@ mod tests {
                 scopes: "*".into(),
                 owner: None,
                 expires_at: None,
+                master_key_id: Some("0000000000000000".into()),
             }))
         }
 
@@ -487,6 +514,10 @@ mod tests {
 
         async fn update(&self, _key: &ApiKey, _update: &Update) -> Result<Updated, StoreError> {
             unreachable!("not used by the authenticator")
+        }
+
+        async fn record_master_key_id(&self, _key: &ApiKey, _id: &str) -> Result<(), StoreError> {
+            unreachable!("the test store's credentials have an id")
         }
 
         async fn roll(

@@ -13,6 +13,10 @@ pub(super) struct ListArgs {
     /// Only active (true) or revoked (false) credentials.
     #[arg(long, env = "CREDGATE_ACTIVE")]
     active: Option<bool>,
+    /// Only credentials derived with this master key (an id from `credgate keys`): who still
+    /// depends on a key before it is removed.
+    #[arg(long, env = "CREDGATE_MASTER_KEY_ID", value_parser = master_key_id)]
+    master_key_id: Option<String>,
     #[command(flatten)]
     db: DatabaseArgs,
 }
@@ -27,6 +31,7 @@ pub(super) async fn run(args: ListArgs) -> anyhow::Result<ExitCode> {
         after: None,
         active: args.active,
         limit: PAGE,
+        master_key_id: args.master_key_id,
         ..ListQuery::default()
     };
     loop {
@@ -50,4 +55,12 @@ pub(super) async fn run(args: ListArgs) -> anyhow::Result<ExitCode> {
     }
     out.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn master_key_id(text: &str) -> Result<String, String> {
+    if credgate::attributes::is_master_key_id(text) {
+        Ok(text.to_owned())
+    } else {
+        Err("a master key id is 16 lowercase hexadecimal characters".into())
+    }
 }

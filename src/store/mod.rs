@@ -186,6 +186,8 @@ pub struct AuthRecord {
     pub owner: Option<String>,
     /// When it stops authenticating.
     pub expires_at: Option<DateTime<Utc>>,
+    /// Which master key derived its secret, once known.
+    pub master_key_id: Option<String>,
 }
 
 /// A change of attributes: each `Some` replaces the stored value (`Some(None)` clears it).
@@ -403,6 +405,11 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Changes the attributes of a credential that is not revoked.
     async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError>;
+
+    /// Records which master key derived `key`'s secret, for a credential registered before
+    /// that was recorded (SPEC §7.1: learnt at its next successful authentication). Leaves a
+    /// recorded id as it is.
+    async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError>;
 
     /// Registers `new` (derived with master key `master_key_id`) with the attributes of the
     /// active, unexpired credential `old`, and moves `old`'s expiry to `old_until` unless it

@@ -207,6 +207,24 @@ impl CredentialStore for PgStore {
         })
     }
 
+    async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError> {
+        timed(
+            &self.metrics,
+            "record_master_key_id",
+            retrying(|| {
+                sqlx::query(
+                    "UPDATE api_credential SET master_key_id = $2 \
+                     WHERE api_key = $1 AND master_key_id IS NULL",
+                )
+                .bind(key.as_str())
+                .bind(id)
+                .execute(&self.pool)
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn roll(
         &self,
         old: &ApiKey,
@@ -289,7 +307,8 @@ impl CredentialStore for PgStore {
             &self.metrics,
             "state",
             sqlx::query_as(
-                "SELECT active, scopes, owner, expires_at FROM api_credential WHERE api_key = $1",
+                "SELECT active, scopes, owner, expires_at, master_key_id FROM api_credential \
+                 WHERE api_key = $1",
             )
             .bind(key.as_str())
             .fetch_optional(&self.pool),

@@ -72,6 +72,11 @@ enum WriteOp {
         roll: Box<Roll>,
         reply: oneshot::Sender<Result<Rolled, StoreError>>,
     },
+    MasterKeyId {
+        key: ApiKey,
+        id: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Revoke {
         key: ApiKey,
         by: Option<ApiKey>,
@@ -95,6 +100,7 @@ enum Outcome {
     Registration(Registration),
     Update(Updated),
     Roll(Rolled),
+    MasterKeyId,
     Revocation(Revocation),
     Probe,
 }
@@ -488,6 +494,12 @@ fn answer(
                     _ => Err(mismatch()),
                 }));
             }
+            WriteOp::MasterKeyId { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::MasterKeyId => Ok(()),
+                    _ => Err(mismatch()),
+                }));
+            }
             WriteOp::Probe { reply } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::Probe => Ok(()),
@@ -515,6 +527,15 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
                 self::update(conn, key, update).await.map(Outcome::Update)
             }
             WriteOp::Roll { roll, .. } => self::roll(conn, roll).await.map(Outcome::Roll),
+            WriteOp::MasterKeyId { key, id, .. } => sqlx::query(
+                "UPDATE api_credential SET master_key_id = ? \
+                 WHERE api_key = ? AND master_key_id IS NULL",
+            )
+            .bind(id.as_str())
+            .bind(key.as_str())
+            .execute(&mut *conn)
+            .await
+            .map(|_| Outcome::MasterKeyId),
             WriteOp::Revoke { key, by, .. } => sqlx::query(
                 "UPDATE api_credential SET active = 0, revoked_by = ? WHERE api_key = ? AND active = 1",
             )
@@ -662,6 +683,12 @@ async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::
 
 #[async_trait]
 impl CredentialStore for SqliteStore {
+    async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError> {
+        let (key, id) = (key.clone(), id.to_owned());
+        self.write(|reply| WriteOp::MasterKeyId { key, id, reply })
+            .await
+    }
+
     async fn roll(
         &self,
         old: &ApiKey,
@@ -699,7 +726,8 @@ impl CredentialStore for SqliteStore {
             &self.metrics,
             "state",
             sqlx::query_as(
-                "SELECT active, scopes, owner, expires_at FROM api_credential WHERE api_key = ?",
+                "SELECT active, scopes, owner, expires_at, master_key_id FROM api_credential \
+                 WHERE api_key = ?",
             )
             .bind(key.as_str())
             .fetch_optional(&self.reads),

@@ -948,6 +948,25 @@ async fn master_keys_rotate_on_sighup_without_a_restart() {
     );
     assert!(!stdout(&out).contains(&new_hex) && !stdout(&out).contains(MASTER_HEX));
 
+    let out = run(&[
+        "list",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--master-key-id",
+        &old_id,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 1);
+    assert!(stdout(&out).contains(&admin.key));
+    let out = run(&[
+        "list",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--master-key-id",
+        "XYZ",
+    ]);
+    assert!(!out.status.success());
+
     // 2. A malformed file changes nothing.
     std::fs::write(&key_file, "not a key\n").unwrap();
     server.signal(libc::SIGHUP);

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use sqlx::Connection;
 
 use crate::helpers::app::{Backend, spawn_app_with};
-use crate::helpers::credentials::{Pair, mint};
+use crate::helpers::credentials::{Pair, deriver, mint};
 use crate::helpers::pg;
 use crate::helpers::wait::eventually;
 
@@ -108,12 +108,20 @@ async fn a_database_of_the_previous_schema_is_upgraded_in_place(backend: Backend
         ("owner", Value::Null),
         ("expires_at", Value::Null),
         ("last_used_at", Value::Null),
-        ("master_key_id", Value::Null),
         ("state", json!("active")),
         ("active", json!(true)),
     ] {
         assert_eq!(record[field], value, "{field} in {record}");
     }
+    // Which master key derived it was unknown; its first authentication told.
+    let learnt = eventually(std::time::Duration::from_secs(2), || async {
+        app.record(&active.key, &active).await["master_key_id"] == deriver().key_id()
+    })
+    .await;
+    assert!(
+        learnt,
+        "the master key id was not recorded at authentication"
+    );
     // The revoked one stays revoked, with its revocation time.
     assert_eq!(app.verify(&revoked).await, StatusCode::UNAUTHORIZED);
     let record = app.record(&revoked.key, &active).await;
