@@ -16,6 +16,7 @@
 //!   backends.
 //! - [`config`] holds the configuration and the master key sources.
 //! - [`telemetry`] sets up logs and the Prometheus metrics.
+//! - [`leak`] finds credential pairs in text, for `credgate scan`.
 //!
 //! The `credgate` command line belongs to the binary (`src/main.rs`, `src/cli/`), not to the
 //! library.
@@ -26,6 +27,7 @@ pub mod config;
 pub(crate) mod connections;
 pub mod credential;
 pub mod http;
+pub mod leak;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -19,6 +19,7 @@ mod keys;
 mod list;
 mod migrate;
 mod revoke;
+mod scan;
 mod serve;
 mod verify;
 
@@ -48,6 +49,8 @@ enum Command {
     List(list::ListArgs),
     /// Revoke a credential straight in the database.
     Revoke(revoke::RevokeArgs),
+    /// Find leaked credential pairs in files or stdin; exit 1 when a live one is found.
+    Scan(scan::ScanArgs),
 }
 
 impl Cli {
@@ -66,6 +69,7 @@ impl Cli {
             Command::Migrate(args) => migrate::run(args).await,
             Command::List(args) => list::run(args).await,
             Command::Revoke(args) => revoke::run(args).await,
+            Command::Scan(args) => scan::run(args).await,
         }
     }
 }

@@ -986,3 +986,125 @@ async fn master_keys_rotate_on_sighup_without_a_restart() {
         StatusCode::FORBIDDEN
     );
 }
+
+/// SPEC §8.6: `credgate scan` finds valid pairs in files and stdin, says what state each is in
+/// (never its secret), ignores forged ones, revokes active ones with `--revoke`, and exits 1
+/// while a live one (active or unregistered) is found.
+#[tokio::test]
+async fn scan_reports_leaked_pairs_and_revokes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.hex");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let data = dir.path().join("data");
+    let (key_file, data) = (key_file.to_str().unwrap(), data.to_str().unwrap());
+    let server = ServerProcess::start(&["--data-dir", data, "--master-key-file", key_file]);
+    let (active, revoked, unregistered, fake) = (
+        server.registered().await,
+        server.registered().await,
+        mint(),
+        forged(),
+    );
+    assert_eq!(
+        server.revoke(&revoked.key, &active).await.status(),
+        StatusCode::OK
+    );
+    drop(server);
+    let leaks = dir.path().join("repo");
+    std::fs::create_dir_all(leaks.join("src")).unwrap();
+    std::fs::write(
+        leaks.join("src/config.env"),
+        format!(
+            "# committed by mistake\nAPI_KEY={}\nAPI_SECRET={}\nOTHER={} {}\n",
+            active.key, active.secret, fake.key, fake.secret
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        leaks.join("notes.md"),
+        format!(
+            "curl -H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'\n\n\n{}\n\n{}\n",
+            revoked.key, revoked.secret, unregistered.key, unregistered.secret
+        ),
+    )
+    .unwrap();
+    let scan = |extra: &[&str], stdin: Option<String>| {
+        let mut command = binary();
+        command
+            .args(["scan", "--data-dir", data, "--master-key-file", key_file])
+            .args(extra)
+            .env_remove("DATABASE_URL")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        if let Some(text) = stdin {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let found = |out: &Output| -> Vec<Value> {
+        for pair in [&active, &revoked, &unregistered, &fake] {
+            assert!(!stdout(out).contains(&pair.secret) && !stderr(out).contains(&pair.secret));
+        }
+        stdout(out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let repo = leaks.to_str().unwrap();
+    let out = scan(&[repo], None);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report = found(&out);
+    let states: Vec<(&str, u64, &str)> = report
+        .iter()
+        .map(|r| {
+            (
+                r["api_key"].as_str().unwrap(),
+                r["line"].as_u64().unwrap(),
+                r["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    // The forged pair is not reported; the unregistered key is 3 lines from its secret.
+    assert_eq!(
+        states,
+        [
+            (revoked.key.as_str(), 1, "revoked"),
+            (active.key.as_str(), 2, "active"),
+        ]
+    );
+    assert!(
+        report[1]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("src/config.env")
+    );
+    assert_eq!(report[1]["master_key_id"], deriver().key_id());
+    // stdin; an unregistered valid pair is live too.
+    let text = format!("{}\n{}\n", unregistered.key, unregistered.secret);
+    let out = scan(&[], Some(text.clone()));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(found(&out)[0]["state"], "unregistered");
+    // --revoke: the active one is revoked, after which only dead pairs remain: exit 0.
+    let out = scan(&["--revoke", repo], None);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(found(&out)[1]["revoked"], true);
+    let out = scan(&[repo], None);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(found(&out).iter().all(|r| r["state"] == "revoked"));
+    // Nothing to find: exit 0; no database: every valid pair counts as live.
+    assert_eq!(
+        scan(&[], Some("nothing here\n".into())).status.code(),
+        Some(0)
+    );
+    let out = scan(&["--no-database"], Some(text));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(found(&out)[0]["state"], "unknown");
+}
