@@ -77,6 +77,7 @@ fn authentication(c: &mut Criterion) {
         CacheSettings {
             ttl: Duration::from_secs(300),
             capacity: 100_000,
+            last_used_interval: Duration::from_secs(60),
         },
         Metrics::new().unwrap(),
     );
@@ -93,6 +94,7 @@ fn authentication(c: &mut Criterion) {
         CacheSettings {
             ttl: Duration::ZERO,
             capacity: 0,
+            last_used_interval: Duration::ZERO,
         },
         Metrics::new().unwrap(),
     );

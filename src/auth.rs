@@ -169,6 +169,108 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// Most cached credentials.
     pub capacity: u64,
+    /// How often `last_used_at` is written (SPEC §8.4); zero disables tracking.
+    pub last_used_interval: Duration,
+}
+
+/// Slots of the last-used notes: a power of two.
+const USAGE_SLOTS: usize = 1 << 16;
+
+/// Keys queued before the flusher writes them without waiting for the interval to end, so
+/// the queue stays small (100 000 keys used in one interval would hold megabytes).
+const USAGE_BATCH: usize = 10_000;
+
+/// Which credentials authenticated in the current interval (SPEC §8.4), noted at the cost of
+/// one hash and one relaxed atomic load per authentication; the first use of a key in an
+/// interval also takes a lock to queue it. A flusher writes the queue in one batch per
+/// interval, off the request path.
+struct Usage {
+    /// Per slot: the interval number (high 32 bits) and a fingerprint of the key (low 32)
+    /// last noted there. Two keys sharing a slot only cost extra queueing, never a lost use.
+    slots: Box<[AtomicU64]>,
+    /// Counts flushes: the current interval.
+    interval: AtomicU64,
+    /// Keys used in this interval, not yet written.
+    pending: std::sync::Mutex<std::collections::HashSet<ApiKey>>,
+    /// Told when `pending` holds a batch.
+    full: tokio::sync::Notify,
+    hasher: foldhash::fast::FixedState,
+}
+
+impl Usage {
+    fn new() -> Self {
+        Self {
+            slots: (0..USAGE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            interval: AtomicU64::new(1),
+            pending: std::sync::Mutex::default(),
+            full: tokio::sync::Notify::new(),
+            hasher: foldhash::fast::FixedState::default(),
+        }
+    }
+
+    fn note(&self, key: &ApiKey) {
+        use std::hash::BuildHasher as _;
+        let hash = self.hasher.hash_one(key);
+        let mark = (self.interval.load(Ordering::Relaxed) << 32) | (hash >> 32);
+        let slot = &self.slots[(hash as usize) & (USAGE_SLOTS - 1)];
+        if slot.load(Ordering::Relaxed) != mark {
+            slot.store(mark, Ordering::Relaxed);
+            let mut pending = self.pending();
+            pending.insert(key.clone());
+            if pending.len() == USAGE_BATCH {
+                self.full.notify_one();
+            }
+        }
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<ApiKey>> {
+        // A plain set: a panic elsewhere cannot leave it half-updated.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands over the keys queued so far; with `next_interval`, also starts a new interval
+    /// (keys used from then on are queued again).
+    fn take(&self, next_interval: bool) -> Vec<ApiKey> {
+        if next_interval {
+            self.interval.fetch_add(1, Ordering::Relaxed);
+        }
+        self.pending().drain().collect()
+    }
+}
+
+/// Writes the keys used in each interval, once per interval, until aborted (with the
+/// authenticator, which it holds weakly).
+async fn flush_usage(inner: Weak<Inner>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        let Some(full) = inner.upgrade() else { return };
+        // Woken at the end of each interval, or early by a full batch.
+        let ended = tokio::select! {
+            _ = tick.tick() => true,
+            () = async {
+                match &full.usage {
+                    Some(usage) => usage.full.notified().await,
+                    None => std::future::pending().await,
+                }
+            } => false,
+        };
+        drop(full);
+        let Some(inner) = inner.upgrade() else { return };
+        let Some(usage) = &inner.usage else { return };
+        let keys = usage.take(ended);
+        if keys.is_empty() {
+            continue;
+        }
+        let store = inner.store.clone();
+        drop(inner);
+        // Coarse by design: a failed write is logged and its uses are not retried; the next
+        // use of each key is noted again.
+        if let Err(e) = store.touch(&keys, chrono::Utc::now()).await {
+            tracing::warn!(error = %e.report(), keys = keys.len(), "cannot write last_used_at");
+        }
+    }
 }
 
 /// Authenticates requests. Cheap to clone: clones share the cache.
@@ -200,6 +302,10 @@ struct Inner {
     forgotten: std::sync::Mutex<std::collections::HashSet<ApiKey>>,
     /// Drains the store's change feed into the cache; stopped with the authenticator.
     _follower: Option<AbortOnDrop>,
+    /// Last-used notes; `None` when tracking is off.
+    usage: Option<Usage>,
+    /// Writes `last_used_at`; stopped with the authenticator.
+    _usage_flusher: Option<AbortOnDrop>,
 }
 
 /// Most revoked-here keys remembered while their echo is awaited; beyond it the set is
@@ -214,6 +320,7 @@ impl Authenticator {
         cache: CacheSettings,
         metrics: Metrics,
     ) -> Self {
+        let last_used = cache.last_used_interval;
         let cache = (!cache.ttl.is_zero() && cache.capacity > 0).then(|| {
             Cache::builder()
                 .max_capacity(cache.capacity)
@@ -235,6 +342,11 @@ impl Authenticator {
             _follower: tokio::runtime::Handle::try_current()
                 .ok()
                 .map(|rt| AbortOnDrop(rt.spawn(follow(me.clone(), changes)))),
+            usage: (!last_used.is_zero()).then(Usage::new),
+            _usage_flusher: tokio::runtime::Handle::try_current()
+                .ok()
+                .filter(|_| !last_used.is_zero())
+                .map(|rt| AbortOnDrop(rt.spawn(flush_usage(me.clone(), last_used)))),
         });
         Self { inner }
     }
@@ -243,7 +355,12 @@ impl Authenticator {
     /// a header is missing or unusable (repeated, not text).
     pub async fn authenticate(&self, key: Option<&str>, secret: Option<&str>) -> AuthOutcome {
         let outcome = match self.check(key, secret).await {
-            Ok(caller) => AuthOutcome::Authenticated(caller),
+            Ok(caller) => {
+                if let Some(usage) = &self.inner.usage {
+                    usage.note(&caller.key);
+                }
+                AuthOutcome::Authenticated(caller)
+            }
             Err(outcome) => outcome,
         };
         self.inner.outcomes[outcome.index()].inc();
@@ -520,6 +637,14 @@ mod tests {
             unreachable!("the test store's credentials have an id")
         }
 
+        async fn touch(
+            &self,
+            _keys: &[ApiKey],
+            _at: chrono::DateTime<chrono::Utc>,
+        ) -> Result<(), StoreError> {
+            unreachable!("last-used tracking is off in these tests")
+        }
+
         async fn roll(
             &self,
             _old: &ApiKey,
@@ -572,6 +697,7 @@ mod tests {
         let cache = CacheSettings {
             ttl: Duration::from_secs(300),
             capacity: 100,
+            last_used_interval: Duration::ZERO,
         };
         let metrics = Metrics::new().expect("metrics");
         let auth = Authenticator::new(deriver(), store.clone(), cache, metrics);
@@ -627,6 +753,45 @@ mod tests {
             );
             assert!(matches!(next, AuthOutcome::RejectedRevoked), "{next:?}");
         }
+    }
+
+    #[test]
+    fn a_key_is_queued_once_per_interval_however_often_it_is_used() {
+        let usage = Usage::new();
+        let keys: Vec<ApiKey> = (0..1000).map(|_| ApiKey::generate()).collect();
+        for _ in 0..5 {
+            for key in &keys {
+                usage.note(key);
+            }
+        }
+        let mut first = usage.take(false);
+        assert_eq!(first.len(), keys.len());
+        // Taken early (a full batch), the interval goes on: no key is queued again, but for
+        // keys sharing a slot with another (the documented cost of a fixed table).
+        for key in &keys {
+            usage.note(key);
+        }
+        let slot = |key: &ApiKey| {
+            use std::hash::BuildHasher as _;
+            (usage.hasher.hash_one(key) as usize) & (USAGE_SLOTS - 1)
+        };
+        let mut per_slot = std::collections::HashMap::new();
+        for key in &keys {
+            *per_slot.entry(slot(key)).or_insert(0) += 1;
+        }
+        let again = usage.take(true);
+        assert!(
+            again.iter().all(|key| per_slot[&slot(key)] > 1),
+            "{again:?}"
+        );
+        // A new interval: each key is queued again on its next use, once.
+        for key in keys.iter().chain(&keys) {
+            usage.note(key);
+        }
+        let mut second = usage.take(true);
+        first.sort();
+        second.sort();
+        assert_eq!(first, second);
     }
 
     #[test]

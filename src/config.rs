@@ -66,6 +66,9 @@ pub const DEFAULT_REGISTRATION_SCOPES: &str = "*";
 /// Default: registration needs no credential (SPEC §2).
 pub const DEFAULT_OPEN_REGISTRATION: bool = true;
 
+/// Default interval of `last_used_at` writes (SPEC §8.4).
+pub const DEFAULT_LAST_USED_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Default log line format of `serve`.
 pub const DEFAULT_LOG_FORMAT: LogFormat = LogFormat::Text;
 
@@ -100,6 +103,8 @@ pub struct Config {
     pub max_connections: Option<u32>,
     /// Who may register, with which scopes, and what `/auth/verify` answers.
     pub policy: Policy,
+    /// How often `last_used_at` is written; zero disables tracking.
+    pub last_used_interval: Duration,
 }
 
 /// The privilege settings (SPEC §7.3, §7.4). The defaults keep the seed's model: anyone with a
@@ -160,6 +165,7 @@ impl Config {
             store: StoreSettings::default(),
             max_connections: None,
             policy: Policy::default(),
+            last_used_interval: DEFAULT_LAST_USED_INTERVAL,
         }
     }
 

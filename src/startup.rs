@@ -61,6 +61,7 @@ impl Application {
             CacheSettings {
                 ttl: config.cache_ttl,
                 capacity: config.cache_capacity,
+                last_used_interval: config.last_used_interval,
             },
             metrics.clone(),
         );

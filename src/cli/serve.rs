@@ -10,8 +10,8 @@ use super::{DatabaseArgs, MasterKeyArgs};
 use credgate::attributes::Scopes;
 use credgate::config::{
     Config, DEFAULT_CACHE_CAPACITY, DEFAULT_CACHE_TTL, DEFAULT_DB_MAX_CONNECTIONS,
-    DEFAULT_DB_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_LISTEN, DEFAULT_LOG_FORMAT,
-    DEFAULT_LOG_LEVEL, DEFAULT_OPEN_REGISTRATION, DEFAULT_REGISTRATION_SCOPES,
+    DEFAULT_DB_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_LAST_USED_INTERVAL, DEFAULT_LISTEN,
+    DEFAULT_LOG_FORMAT, DEFAULT_LOG_LEVEL, DEFAULT_OPEN_REGISTRATION, DEFAULT_REGISTRATION_SCOPES,
     DEFAULT_REQUEST_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT, MAX_CONNECTIONS, Policy, VerifyStatus,
 };
 use credgate::startup::{self, Application};
@@ -81,6 +81,12 @@ pub(super) struct ServeArgs {
     #[arg(long, env = "CREDGATE_VERIFY_OK_STATUS", default_value = "204",
           value_parser = ["200", "204"])]
     verify_ok_status: String,
+    /// Seconds between writes of `last_used_at`: each credential's is written at most once
+    /// per interval, in batches, off the request path (0 disables tracking; at most 86400).
+    #[arg(long, env = "CREDGATE_LAST_USED_INTERVAL",
+          default_value_t = DEFAULT_LAST_USED_INTERVAL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    last_used_interval: u64,
     /// Log format.
     #[arg(long, env = "CREDGATE_LOG_FORMAT", value_enum,
           default_value_t = LogFormatArg::from(DEFAULT_LOG_FORMAT))]
@@ -137,6 +143,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             timeout: Duration::from_secs(args.db_timeout),
         },
         max_connections: args.max_connections,
+        last_used_interval: Duration::from_secs(args.last_used_interval),
         policy: Policy {
             registration_scopes: args.registration_scopes,
             open_registration: args.open_registration,

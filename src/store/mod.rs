@@ -406,6 +406,10 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// Changes the attributes of a credential that is not revoked.
     async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError>;
 
+    /// Sets `last_used_at` of these credentials to `at`, unless a later use is recorded
+    /// already (another instance): one batch per interval (SPEC §8.4).
+    async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError>;
+
     /// Records which master key derived `key`'s secret, for a credential registered before
     /// that was recorded (SPEC §7.1: learnt at its next successful authentication). Leaves a
     /// recorded id as it is.

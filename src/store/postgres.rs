@@ -207,6 +207,25 @@ impl CredentialStore for PgStore {
         })
     }
 
+    async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError> {
+        let keys: Vec<&str> = keys.iter().map(ApiKey::as_str).collect();
+        timed(
+            &self.metrics,
+            "touch",
+            retrying(|| {
+                sqlx::query(
+                    "UPDATE api_credential SET last_used_at = $1 \
+                     WHERE api_key = ANY($2) AND (last_used_at IS NULL OR last_used_at < $1)",
+                )
+                .bind(at)
+                .bind(&keys)
+                .execute(&self.pool)
+            }),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError> {
         timed(
             &self.metrics,

@@ -77,6 +77,12 @@ enum WriteOp {
         id: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    Touch {
+        /// The keys, as a JSON array (read by `json_each`).
+        keys: String,
+        at: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     Revoke {
         key: ApiKey,
         by: Option<ApiKey>,
@@ -101,6 +107,7 @@ enum Outcome {
     Update(Updated),
     Roll(Rolled),
     MasterKeyId,
+    Touch,
     Revocation(Revocation),
     Probe,
 }
@@ -494,6 +501,12 @@ fn answer(
                     _ => Err(mismatch()),
                 }));
             }
+            WriteOp::Touch { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Touch => Ok(()),
+                    _ => Err(mismatch()),
+                }));
+            }
             WriteOp::MasterKeyId { reply, .. } => {
                 let _ = reply.send(outcome.and_then(|o| match o {
                     Outcome::MasterKeyId => Ok(()),
@@ -527,6 +540,16 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
                 self::update(conn, key, update).await.map(Outcome::Update)
             }
             WriteOp::Roll { roll, .. } => self::roll(conn, roll).await.map(Outcome::Roll),
+            WriteOp::Touch { keys, at, .. } => sqlx::query(
+                "UPDATE api_credential SET last_used_at = ?1 \
+                 WHERE api_key IN (SELECT value FROM json_each(?2)) \
+                 AND (last_used_at IS NULL OR last_used_at < ?1)",
+            )
+            .bind(at.as_str())
+            .bind(keys.as_str())
+            .execute(&mut *conn)
+            .await
+            .map(|_| Outcome::Touch),
             WriteOp::MasterKeyId { key, id, .. } => sqlx::query(
                 "UPDATE api_credential SET master_key_id = ? \
                  WHERE api_key = ? AND master_key_id IS NULL",
@@ -683,6 +706,13 @@ async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::
 
 #[async_trait]
 impl CredentialStore for SqliteStore {
+    async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError> {
+        let keys = serde_json::Value::from(keys.iter().map(ApiKey::as_str).collect::<Vec<_>>())
+            .to_string();
+        let at = format_time(&at);
+        self.write(|reply| WriteOp::Touch { keys, at, reply }).await
+    }
+
     async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError> {
         let (key, id) = (key.clone(), id.to_owned());
         self.write(|reply| WriteOp::MasterKeyId { key, id, reply })

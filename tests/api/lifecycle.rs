@@ -1,4 +1,4 @@
-//! SPEC §8.1–8.2: server-side issuance and rolling with an overlap window. Every route has
+//! SPEC §8.1–8.2 and §8.4: server-side issuance, rolling with an overlap window, last used. Every route has
 //! allowed, refused and invalid cases; nothing is half-written on any error.
 
 use std::time::Duration;
@@ -17,6 +17,7 @@ contract_tests!(
     issue_is_refused_without_the_scope_or_with_bad_fields,
     roll_overlaps_then_only_the_new_pair_works,
     roll_is_refused_on_revoked_expired_unknown_and_bad_input,
+    last_used_is_written_once_per_interval_off_the_request_path,
 );
 
 /// POST /credentials/issue as `by`, with `body` (none: an empty request body).
@@ -324,5 +325,60 @@ async fn roll_is_refused_on_revoked_expired_unknown_and_bad_input(backend: Backe
             .await,
         )
         .await;
+    }
+}
+
+async fn last_used_is_written_once_per_interval_off_the_request_path(backend: Backend) {
+    let app = crate::helpers::app::spawn_app_with(backend, |config| {
+        config.last_used_interval = Duration::from_secs(2);
+    })
+    .await;
+    let admin = app.registered().await;
+    let (used, idle) = (app.registered().await, app.registered().await);
+    let started = Utc::now();
+    assert_eq!(app.verify(&used).await, StatusCode::NO_CONTENT);
+    let last_used = |key: String| {
+        let (app, admin) = (&app, &admin);
+        async move {
+            app.record(&key, admin).await["last_used_at"]
+                .as_str()
+                .map(|t| {
+                    chrono::DateTime::parse_from_rfc3339(t)
+                        .unwrap()
+                        .with_timezone(&Utc)
+                })
+        }
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            last_used(used.key.clone()).await.is_some()
+        })
+        .await,
+        "last_used_at was not written"
+    );
+    let first = last_used(used.key.clone()).await.unwrap();
+    assert!(
+        first >= started - chrono::Duration::seconds(1),
+        "{first} {started}"
+    );
+    assert_eq!(last_used(idle.key.clone()).await, None);
+    // Used all the time: written again, but not more often than once per interval.
+    let mut seen = vec![first];
+    let until = std::time::Instant::now() + Duration::from_millis(4500);
+    while std::time::Instant::now() < until {
+        assert_eq!(app.verify(&used).await, StatusCode::NO_CONTENT);
+        let now = last_used(used.key.clone()).await.unwrap();
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen.len() >= 2, "{seen:?}");
+    for pair in seen.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= chrono::Duration::milliseconds(1500),
+            "written twice within an interval: {seen:?}"
+        );
     }
 }
