@@ -59,7 +59,9 @@ fn authentication(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.db");
-    let seeded = rt.block_on(seed::seed_sqlite(&path, ROWS)).unwrap();
+    let seeded = rt
+        .block_on(seed::seed_sqlite(&path, ROWS, deriver().key_id()))
+        .unwrap();
     eprintln!("seeded {ROWS} credentials in {:.2} s", seeded.as_secs_f64());
     let store: Arc<dyn CredentialStore> = Arc::new(
         rt.block_on(SqliteStore::open(

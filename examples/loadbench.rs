@@ -283,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
 
     let db = d.join("bench.db");
     eprintln!("seeding {ROWS} credentials...");
-    let seed_time = seed::seed_sqlite(&db, ROWS).await?;
+    let seed_time = seed::seed_sqlite(&db, ROWS, deriver.key_id()).await?;
     eprintln!("seeded in {:.2} s", seed_time.as_secs_f64());
 
     // Pair files for wrk's Lua scripts.

@@ -174,11 +174,11 @@ pub struct CacheSettings {
 }
 
 /// Slots of the last-used notes: a power of two.
-const USAGE_SLOTS: usize = 1 << 16;
+const USAGE_SLOTS: usize = 1 << 14;
 
 /// Keys queued before the flusher writes them without waiting for the interval to end, so
 /// the queue stays small (100 000 keys used in one interval would hold megabytes).
-const USAGE_BATCH: usize = 10_000;
+const USAGE_BATCH: usize = 1_000;
 
 /// Which credentials authenticated in the current interval (SPEC §8.4), noted at the cost of
 /// one hash and one relaxed atomic load per authentication; the first use of a key in an
@@ -192,18 +192,18 @@ struct Usage {
     interval: AtomicU64,
     /// Keys used in this interval, not yet written.
     pending: std::sync::Mutex<std::collections::HashSet<ApiKey>>,
-    /// Told when `pending` holds a batch.
-    full: tokio::sync::Notify,
+    /// Wakes the writer when `pending` holds a batch.
+    full: Arc<tokio::sync::Notify>,
     hasher: foldhash::fast::FixedState,
 }
 
 impl Usage {
-    fn new() -> Self {
+    fn new(full: Arc<tokio::sync::Notify>) -> Self {
         Self {
             slots: (0..USAGE_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             interval: AtomicU64::new(1),
             pending: std::sync::Mutex::default(),
-            full: tokio::sync::Notify::new(),
+            full,
             hasher: foldhash::fast::FixedState::default(),
         }
     }
@@ -238,37 +238,49 @@ impl Usage {
     }
 }
 
-/// Writes the keys used in each interval, once per interval, until aborted (with the
-/// authenticator, which it holds weakly).
-async fn flush_usage(inner: Weak<Inner>, every: Duration) {
+/// Most master key ids waiting to be recorded; beyond it, a credential's id is learnt at a
+/// later cache miss instead.
+const MAX_PENDING_IDS: usize = 10_000;
+/// Queued ids that wake the writer before the interval ends.
+const IDS_BATCH: usize = 1_000;
+
+/// Writes what authentication learns, in batches, off the request path, until aborted (with
+/// the authenticator, which it holds only weakly, and never while waiting): the keys used in
+/// each interval (`last_used_at`) and the master key ids of older credentials. Woken at the
+/// end of each interval, or early by a full batch.
+async fn write_learnt(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync::Notify>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        let Some(full) = inner.upgrade() else { return };
-        // Woken at the end of each interval, or early by a full batch.
         let ended = tokio::select! {
             _ = tick.tick() => true,
-            () = async {
-                match &full.usage {
-                    Some(usage) => usage.full.notified().await,
-                    None => std::future::pending().await,
-                }
-            } => false,
+            () = wake.notified() => false,
         };
-        drop(full);
         let Some(inner) = inner.upgrade() else { return };
-        let Some(usage) = &inner.usage else { return };
-        let keys = usage.take(ended);
-        if keys.is_empty() {
-            continue;
-        }
+        let keys = inner
+            .usage
+            .as_ref()
+            .map(|u| u.take(ended))
+            .unwrap_or_default();
+        let ids = std::mem::take(&mut *inner.pending_ids());
         let store = inner.store.clone();
         drop(inner);
-        // Coarse by design: a failed write is logged and its uses are not retried; the next
-        // use of each key is noted again.
-        if let Err(e) = store.touch(&keys, chrono::Utc::now()).await {
+        // Coarse by design: a failed write is logged and not retried; the next use of each key
+        // is noted again, and its id learnt at its next miss.
+        if !keys.is_empty()
+            && let Err(e) = store.touch(&keys, chrono::Utc::now()).await
+        {
             tracing::warn!(error = %e.report(), keys = keys.len(), "cannot write last_used_at");
+        }
+        let mut by_id: std::collections::HashMap<String, Vec<ApiKey>> = Default::default();
+        for (key, id) in ids {
+            by_id.entry(id).or_default().push(key);
+        }
+        for (id, keys) in by_id {
+            if let Err(e) = store.record_master_key_id(&keys, &id).await {
+                tracing::warn!(error = %e.report(), keys = keys.len(), "cannot record master key ids");
+            }
         }
     }
 }
@@ -304,8 +316,12 @@ struct Inner {
     _follower: Option<AbortOnDrop>,
     /// Last-used notes; `None` when tracking is off.
     usage: Option<Usage>,
-    /// Writes `last_used_at`; stopped with the authenticator.
-    _usage_flusher: Option<AbortOnDrop>,
+    /// Master key ids learnt for credentials registered before ids were recorded.
+    pending_ids: std::sync::Mutex<Vec<(ApiKey, String)>>,
+    /// Wakes the writer of what was learnt before its interval ends.
+    wake_writer: Arc<tokio::sync::Notify>,
+    /// Writes `last_used_at` and learnt master key ids; stopped with the authenticator.
+    _writer: Option<AbortOnDrop>,
 }
 
 /// Most revoked-here keys remembered while their echo is awaited; beyond it the set is
@@ -328,6 +344,7 @@ impl Authenticator {
                 .build_with_hasher(foldhash::fast::RandomState::default())
         });
         let changes = store.subscribe();
+        let wake = Arc::new(tokio::sync::Notify::new());
         let outcomes = AuthOutcome::LABELS.map(|label| metrics.auth_counter(label));
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| Inner {
             keys: arc_swap::ArcSwap::from_pointee(keys.into()),
@@ -342,11 +359,17 @@ impl Authenticator {
             _follower: tokio::runtime::Handle::try_current()
                 .ok()
                 .map(|rt| AbortOnDrop(rt.spawn(follow(me.clone(), changes)))),
-            usage: (!last_used.is_zero()).then(Usage::new),
-            _usage_flusher: tokio::runtime::Handle::try_current()
-                .ok()
-                .filter(|_| !last_used.is_zero())
-                .map(|rt| AbortOnDrop(rt.spawn(flush_usage(me.clone(), last_used)))),
+            usage: (!last_used.is_zero()).then(|| Usage::new(wake.clone())),
+            pending_ids: std::sync::Mutex::default(),
+            wake_writer: wake.clone(),
+            _writer: tokio::runtime::Handle::try_current().ok().map(|rt| {
+                let every = if last_used.is_zero() {
+                    crate::config::DEFAULT_LAST_USED_INTERVAL
+                } else {
+                    last_used
+                };
+                AbortOnDrop(rt.spawn(write_learnt(me.clone(), every, wake.clone())))
+            }),
         });
         Self { inner }
     }
@@ -433,9 +456,9 @@ impl Authenticator {
         }
     }
 
-    /// Records, in the background, which master key derived the secret of a credential
-    /// registered before that was recorded. Once per cache miss of such a credential; a
-    /// failure only leaves it to the next miss.
+    /// Queues, for the background writer, which master key derived the secret of a
+    /// credential registered before that was recorded (at its cache misses; a failure only
+    /// leaves it to a later miss).
     fn learn_master_key_id(&self, key: &ApiKey, secret: &ApiSecret) {
         let Some(id) = self
             .inner
@@ -446,12 +469,13 @@ impl Authenticator {
         else {
             return;
         };
-        let (store, key) = (self.inner.store.clone(), key.clone());
-        tokio::spawn(async move {
-            if let Err(e) = store.record_master_key_id(&key, &id).await {
-                tracing::warn!(api_key = %key, error = %e.report(), "cannot record the master key id");
+        let mut pending = self.inner.pending_ids();
+        if pending.len() < MAX_PENDING_IDS {
+            pending.push((key.clone(), id));
+            if pending.len() == IDS_BATCH {
+                self.inner.wake_writer.notify_one();
             }
-        });
+        }
     }
 
     /// Drops `key` from the cache at once, after this instance changed its scopes, expiry or
@@ -495,6 +519,11 @@ impl Authenticator {
 }
 
 impl Inner {
+    fn pending_ids(&self) -> std::sync::MutexGuard<'_, Vec<(ApiKey, String)>> {
+        // A plain list: a panic elsewhere cannot leave it half-updated.
+        self.pending_ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The cache entry for a stored credential, or why it does not authenticate.
     fn entry(&self, record: AuthRecord) -> Result<Entry, AuthOutcome> {
         if !record.active {
@@ -633,7 +662,11 @@ mod tests {
             unreachable!("not used by the authenticator")
         }
 
-        async fn record_master_key_id(&self, _key: &ApiKey, _id: &str) -> Result<(), StoreError> {
+        async fn record_master_key_id(
+            &self,
+            _keys: &[ApiKey],
+            _id: &str,
+        ) -> Result<(), StoreError> {
             unreachable!("the test store's credentials have an id")
         }
 
@@ -757,7 +790,7 @@ mod tests {
 
     #[test]
     fn a_key_is_queued_once_per_interval_however_often_it_is_used() {
-        let usage = Usage::new();
+        let usage = Usage::new(Arc::default());
         let keys: Vec<ApiKey> = (0..1000).map(|_| ApiKey::generate()).collect();
         for _ in 0..5 {
             for key in &keys {

@@ -22,11 +22,11 @@ pub fn bench_key(i: u64) -> ApiKey {
     }
 }
 
-/// Creates (migrating) the database at `path` and registers keys `0..count`, each with the
-/// attributes a customer's key has: its own owner (`customer-<i>`, the worst case for the
+/// Creates (migrating) the database at `path` and registers keys `0..count` (derived with the
+/// master key `master_key_id`), each with the attributes a customer's key has: its own owner (`customer-<i>`, the worst case for the
 /// cache's memory), two scopes and an expiry (far ahead, so every check runs and passes).
 /// Returns the time spent inserting.
-pub async fn seed_sqlite(path: &Path, count: u64) -> anyhow::Result<Duration> {
+pub async fn seed_sqlite(path: &Path, count: u64, master_key_id: &str) -> anyhow::Result<Duration> {
     credgate::store::sqlite::SqliteStore::migrate(path).await?;
     let options = SqliteConnectOptions::new()
         .filename(path)
@@ -37,13 +37,15 @@ pub async fn seed_sqlite(path: &Path, count: u64) -> anyhow::Result<Duration> {
     let mut next = 0;
     while next < count {
         let end = (next + 1000).min(count);
-        let mut insert: QueryBuilder<Sqlite> =
-            QueryBuilder::new("INSERT INTO api_credential (api_key, owner, scopes, expires_at) ");
+        let mut insert: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT INTO api_credential (api_key, owner, scopes, expires_at, master_key_id) ",
+        );
         insert.push_values(next..end, |mut row, i| {
             row.push_bind(bench_key(i).into_string())
                 .push_bind(format!("customer-{i}"))
                 .push_bind(BENCH_SCOPES)
-                .push_bind(BENCH_EXPIRY);
+                .push_bind(BENCH_EXPIRY)
+                .push_bind(master_key_id.to_owned());
         });
         insert.build().execute(&mut *tx).await?;
         next = end;

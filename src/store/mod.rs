@@ -410,10 +410,10 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// already (another instance): one batch per interval (SPEC §8.4).
     async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError>;
 
-    /// Records which master key derived `key`'s secret, for a credential registered before
-    /// that was recorded (SPEC §7.1: learnt at its next successful authentication). Leaves a
-    /// recorded id as it is.
-    async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError>;
+    /// Records which master key derived these credentials' secrets, for credentials
+    /// registered before that was recorded (SPEC §7.1: learnt at their next successful
+    /// authentication). Leaves a recorded id as it is.
+    async fn record_master_key_id(&self, keys: &[ApiKey], id: &str) -> Result<(), StoreError>;
 
     /// Registers `new` (derived with master key `master_key_id`) with the attributes of the
     /// active, unexpired credential `old`, and moves `old`'s expiry to `old_until` unless it

@@ -226,16 +226,17 @@ impl CredentialStore for PgStore {
         Ok(())
     }
 
-    async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError> {
+    async fn record_master_key_id(&self, keys: &[ApiKey], id: &str) -> Result<(), StoreError> {
+        let keys: Vec<&str> = keys.iter().map(ApiKey::as_str).collect();
         timed(
             &self.metrics,
             "record_master_key_id",
             retrying(|| {
                 sqlx::query(
                     "UPDATE api_credential SET master_key_id = $2 \
-                     WHERE api_key = $1 AND master_key_id IS NULL",
+                     WHERE api_key = ANY($1) AND master_key_id IS NULL",
                 )
-                .bind(key.as_str())
+                .bind(&keys)
                 .bind(id)
                 .execute(&self.pool)
             }),

@@ -73,7 +73,8 @@ enum WriteOp {
         reply: oneshot::Sender<Result<Rolled, StoreError>>,
     },
     MasterKeyId {
-        key: ApiKey,
+        /// The keys, as a JSON array (read by `json_each`).
+        keys: String,
         id: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
@@ -550,12 +551,12 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
             .execute(&mut *conn)
             .await
             .map(|_| Outcome::Touch),
-            WriteOp::MasterKeyId { key, id, .. } => sqlx::query(
+            WriteOp::MasterKeyId { keys, id, .. } => sqlx::query(
                 "UPDATE api_credential SET master_key_id = ? \
-                 WHERE api_key = ? AND master_key_id IS NULL",
+                 WHERE api_key IN (SELECT value FROM json_each(?)) AND master_key_id IS NULL",
             )
             .bind(id.as_str())
-            .bind(key.as_str())
+            .bind(keys.as_str())
             .execute(&mut *conn)
             .await
             .map(|_| Outcome::MasterKeyId),
@@ -661,6 +662,11 @@ async fn update(
     })
 }
 
+/// Keys as a JSON array, for `json_each`: one bound parameter for a batch of any size.
+fn json_keys(keys: &[ApiKey]) -> String {
+    serde_json::Value::from(keys.iter().map(ApiKey::as_str).collect::<Vec<_>>()).to_string()
+}
+
 /// Rolls within the writer's transaction: the checks, the new row and the old one's expiry
 /// commit together (a failure rolls back the batch, and the writer retries each write alone).
 async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::Error> {
@@ -707,15 +713,14 @@ async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::
 #[async_trait]
 impl CredentialStore for SqliteStore {
     async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError> {
-        let keys = serde_json::Value::from(keys.iter().map(ApiKey::as_str).collect::<Vec<_>>())
-            .to_string();
+        let keys = json_keys(keys);
         let at = format_time(&at);
         self.write(|reply| WriteOp::Touch { keys, at, reply }).await
     }
 
-    async fn record_master_key_id(&self, key: &ApiKey, id: &str) -> Result<(), StoreError> {
-        let (key, id) = (key.clone(), id.to_owned());
-        self.write(|reply| WriteOp::MasterKeyId { key, id, reply })
+    async fn record_master_key_id(&self, keys: &[ApiKey], id: &str) -> Result<(), StoreError> {
+        let (keys, id) = (json_keys(keys), id.to_owned());
+        self.write(|reply| WriteOp::MasterKeyId { keys, id, reply })
             .await
     }
 

@@ -89,7 +89,12 @@ async fn a_database_of_the_previous_schema_is_upgraded_in_place(backend: Backend
             DatabaseTarget::Postgres(url)
         }
     };
-    let app = spawn_app_with(backend, |config| config.database = Some(target)).await;
+    let app = spawn_app_with(backend, |config| {
+        config.database = Some(target);
+        // What authentication learns is written once per interval.
+        config.last_used_interval = std::time::Duration::from_secs(1);
+    })
+    .await;
 
     // The active credential works, as an administrator (every scope).
     let resp = app.send(Method::GET, "/auth/verify", Some(&active)).await;
@@ -114,7 +119,7 @@ async fn a_database_of_the_previous_schema_is_upgraded_in_place(backend: Backend
         assert_eq!(record[field], value, "{field} in {record}");
     }
     // Which master key derived it was unknown; its first authentication told.
-    let learnt = eventually(std::time::Duration::from_secs(2), || async {
+    let learnt = eventually(std::time::Duration::from_secs(4), || async {
         app.record(&active.key, &active).await["master_key_id"] == deriver().key_id()
     })
     .await;
