@@ -228,6 +228,19 @@ pub enum Rolled {
     Duplicate,
 }
 
+impl Rolled {
+    /// Why a credential whose row reads `(active, expires_at)` — or no row — cannot be
+    /// rolled now; `None` when it can.
+    pub(crate) fn refusal(row: Option<(bool, Option<DateTime<Utc>>)>) -> Option<Self> {
+        match row {
+            None => Some(Self::NotFound),
+            Some((false, _)) => Some(Self::Revoked),
+            Some((true, Some(at))) if at <= Utc::now() => Some(Self::Expired),
+            Some(_) => None,
+        }
+    }
+}
+
 /// Result of an update.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Updated {

@@ -264,11 +264,8 @@ impl CredentialStore for PgStore {
                 .bind(old.as_str())
                 .fetch_optional(&mut *tx)
                 .await?;
-                match row {
-                    None => return Ok(Rolled::NotFound),
-                    Some((false, _)) => return Ok(Rolled::Revoked),
-                    Some((true, Some(at))) if at <= Utc::now() => return Ok(Rolled::Expired),
-                    Some(_) => {}
+                if let Some(refused) = Rolled::refusal(row) {
+                    return Ok(refused);
                 }
                 let inserted = sqlx::query(
                     "INSERT INTO api_credential \

@@ -675,11 +675,8 @@ async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::
             .bind(roll.old.as_str())
             .fetch_optional(&mut *conn)
             .await?;
-    match row {
-        None => return Ok(Rolled::NotFound),
-        Some((false, _)) => return Ok(Rolled::Revoked),
-        Some((true, Some(at))) if at <= Utc::now() => return Ok(Rolled::Expired),
-        Some(_) => {}
+    if let Some(refused) = Rolled::refusal(row) {
+        return Ok(refused);
     }
     let inserted = sqlx::query(
         "INSERT INTO api_credential \
