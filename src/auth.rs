@@ -258,16 +258,26 @@ async fn write_learnt(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync
             () = wake.notified() => false,
         };
         let Some(inner) = inner.upgrade() else { return };
-        let keys = inner
-            .usage
-            .as_ref()
-            .map(|u| u.take(ended))
-            .unwrap_or_default();
-        let ids = std::mem::take(&mut *inner.pending_ids());
-        let store = inner.store.clone();
+        let learnt = inner.learnt(ended);
         drop(inner);
-        // Coarse by design: a failed write is logged and not retried; the next use of each key
-        // is noted again, and its id learnt at its next miss.
+        learnt.write().await;
+    }
+}
+
+/// One batch of what authentication learnt, taken from the queues.
+struct Learnt {
+    store: Arc<dyn CredentialStore>,
+    /// Keys used since the last batch.
+    keys: Vec<ApiKey>,
+    /// Master key ids learnt for older credentials.
+    ids: Vec<(ApiKey, String)>,
+}
+
+impl Learnt {
+    /// Writes the batch. Coarse by design: a failed write is logged and not retried; the next
+    /// use of each key is noted again, and its id learnt at its next miss.
+    async fn write(self) {
+        let Self { store, keys, ids } = self;
         if !keys.is_empty()
             && let Err(e) = store.touch(&keys, chrono::Utc::now()).await
         {
@@ -478,6 +488,12 @@ impl Authenticator {
         }
     }
 
+    /// Writes what authentication learnt and has not written yet (last uses, master key ids),
+    /// now: for a clean stop, which then loses none.
+    pub async fn write_learnt(&self) {
+        self.inner.learnt(true).write().await;
+    }
+
     /// Drops `key` from the cache at once, after this instance changed its scopes, expiry or
     /// owner. The change feed's echo is applied too: unlike a revoked key, an updated one may
     /// be cached again in between.
@@ -519,6 +535,22 @@ impl Authenticator {
 }
 
 impl Inner {
+    /// What is queued for writing: the store, the keys used (starting a new interval when
+    /// `next_interval`) and the learnt master key ids.
+    fn learnt(&self, next_interval: bool) -> Learnt {
+        let keys = self
+            .usage
+            .as_ref()
+            .map(|u| u.take(next_interval))
+            .unwrap_or_default();
+        let ids = std::mem::take(&mut *self.pending_ids());
+        Learnt {
+            store: self.store.clone(),
+            keys,
+            ids,
+        }
+    }
+
     fn pending_ids(&self) -> std::sync::MutexGuard<'_, Vec<(ApiKey, String)>> {
         // A plain list: a panic elsewhere cannot leave it half-updated.
         self.pending_ids.lock().unwrap_or_else(|p| p.into_inner())

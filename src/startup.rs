@@ -172,6 +172,8 @@ impl Application {
         {
             tracing::warn!("in-flight requests did not finish in time; closing them");
         }
+        // What authentication learnt this interval (last uses), so a clean stop loses none.
+        state.auth.write_learnt().await;
         // The store's own tasks: the SQLite writer commits what it accepted, then stops.
         state.store.close().await;
         drop(state);

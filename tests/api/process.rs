@@ -1108,3 +1108,39 @@ async fn scan_reports_leaked_pairs_and_revokes_them() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(found(&out)[0]["state"], "unknown");
 }
+
+/// A clean stop writes the last uses noted since the last batch: only a crash loses them.
+#[tokio::test]
+async fn a_clean_stop_writes_the_last_uses_noted_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.hex");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let mut server = ServerProcess::start(&[
+        "--data-dir",
+        data,
+        "--master-key-file",
+        key_file.to_str().unwrap(),
+        "--last-used-interval",
+        "3600",
+    ]);
+    let (used, idle) = (server.registered().await, server.registered().await);
+    assert_eq!(server.verify(&used).await, StatusCode::NO_CONTENT);
+    assert!(server.signal_and_wait(libc::SIGTERM).success());
+    let out = run(&["list", "--data-dir", data]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last_used = |key: &str| {
+        records
+            .iter()
+            .find(|r| r["api_key"] == key)
+            .map(|r| r["last_used_at"].clone())
+            .unwrap()
+    };
+    assert!(last_used(&used.key).is_string(), "{records:?}");
+    assert_eq!(last_used(&idle.key), Value::Null);
+}
