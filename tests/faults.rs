@@ -106,7 +106,13 @@ impl Drop for SmallDisk {
 #[derive(Default)]
 struct Ledger {
     registered: Vec<Pair>,
+    /// Revoked, or rolled with no grace: refused from then on.
     revoked: Vec<Pair>,
+    /// Acknowledged renames: each key renamed once, to this name.
+    renamed: Vec<(Pair, String)>,
+    /// The next registered pair (after the first, the caller) not yet renamed, rolled or
+    /// revoked: each change has a target of its own.
+    next_target: usize,
 }
 
 impl Ledger {
@@ -120,6 +126,69 @@ impl Ledger {
         );
         self.revoked.push(target.clone());
         target
+    }
+
+    /// The next pair no change has touched yet.
+    fn fresh_target(&mut self) -> Option<Pair> {
+        let used = |p: &Pair, ledger: &Self| {
+            ledger.revoked.iter().any(|r| r.key == p.key)
+                || ledger.renamed.iter().any(|(r, _)| r.key == p.key)
+        };
+        self.next_target = self.next_target.max(1);
+        while let Some(pair) = self.registered.get(self.next_target).cloned() {
+            self.next_target += 1;
+            if !used(&pair, self) {
+                return Some(pair);
+            }
+        }
+        None
+    }
+
+    /// Renames a fresh pair as the first one; records it when the answer is 200.
+    async fn rename(&mut self, server: &ServerProcess) -> Option<StatusCode> {
+        let target = self.fresh_target()?;
+        let name = format!("renamed {}", self.renamed.len());
+        let resp = server
+            .update(
+                &target.key,
+                &serde_json::json!({ "name": name }),
+                &self.registered[0],
+            )
+            .await;
+        let status = resp.status();
+        if status.is_success() {
+            assert_eq!(status, StatusCode::OK);
+            self.renamed.push((target, name));
+        }
+        Some(status)
+    }
+
+    /// Rolls a fresh pair with no grace, as the first one. On 201 the new pair is registered
+    /// and the old one refused; on any failure the old one must still work as it did (a
+    /// failed roll writes nothing), which `check` verifies since it stays registered.
+    async fn roll(&mut self, server: &ServerProcess) -> Option<StatusCode> {
+        let target = self.fresh_target()?;
+        let resp = server
+            .request(
+                reqwest::Method::POST,
+                &format!("/credentials/{}/roll", target.key),
+                Some(&self.registered[0]),
+            )
+            .json(&serde_json::json!({ "grace_seconds": 0 }))
+            .send()
+            .await
+            .expect("send");
+        let status = resp.status();
+        if status.is_success() {
+            assert_eq!(status, StatusCode::CREATED);
+            let body: serde_json::Value = resp.json().await.expect("json");
+            self.registered.push(Pair {
+                key: body["api_key"].as_str().expect("api_key").to_owned(),
+                secret: body["api_secret"].as_str().expect("api_secret").to_owned(),
+            });
+            self.revoked.push(target);
+        }
+        Some(status)
     }
 
     /// Kills the server (no graceful anything), starts it again on the same files and checks
@@ -158,6 +227,15 @@ impl Ledger {
                 StatusCode::NO_CONTENT
             };
             assert_eq!(server.verify(pair).await, expected, "{}", pair.key);
+        }
+        let admin = &self.registered[0];
+        for (pair, name) in &self.renamed {
+            let record = server.record(&pair.key, admin).await;
+            assert_eq!(
+                record["name"],
+                name.as_str(),
+                "an acknowledged rename was lost"
+            );
         }
     }
 }
@@ -235,7 +313,10 @@ async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space()
     let data = disk.0.join("data");
     let server = serve(&data, &key);
     let mut ledger = Ledger::default();
-    assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
+    // The caller, and credentials for renames and rolls while the disk is full.
+    for _ in 0..31 {
+        assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
+    }
 
     // Fill the disk, then leave a little room so some writes still fit.
     let filler = disk.0.join("filler");
@@ -256,9 +337,12 @@ async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space()
     }
     assert_eq!(failed, 1, "the disk never filled up");
     assert_eq!(server.ready().await, StatusCode::SERVICE_UNAVAILABLE);
-    // Still full: whatever is answered 201 now must be true as well.
+    // Still full: whatever is answered 2xx now must be true as well, and a failed roll must
+    // leave its credential as it was.
     for _ in 0..10 {
         ledger.register(&server).await;
+        ledger.rename(&server).await;
+        ledger.roll(&server).await;
     }
 
     std::fs::remove_file(&filler).unwrap();
@@ -268,6 +352,10 @@ async fn a_full_disk_loses_no_acknowledged_write_and_writes_recover_with_space()
     );
     for _ in 0..20 {
         assert_eq!(ledger.register(&server).await, StatusCode::CREATED);
+    }
+    for _ in 0..5 {
+        assert_eq!(ledger.rename(&server).await, Some(StatusCode::OK));
+        assert_eq!(ledger.roll(&server).await, Some(StatusCode::CREATED));
     }
     let target = ledger.revoke(&server, ledger.registered.len() - 1).await;
     assert_eq!(server.verify(&target).await, StatusCode::UNAUTHORIZED);
