@@ -66,9 +66,7 @@ pub(super) async fn register(
     if caller.is_none() && !policy.open_registration {
         return Err(ApiError::Unauthorized);
     }
-    require_json(&headers)?;
-    let body = read_body(body)?;
-    let fields = parse_object(&body)?;
+    let fields = json_object(&headers, body)?;
     let (key, secret) = parse_pair(&fields)?;
     let attributes = Attributes::parse(&fields, Utc::now(), Fields::Registration)?;
     let writes = caller
@@ -125,9 +123,7 @@ pub(super) async fn update(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let key = path_key(path)?;
-    require_json(&headers)?;
-    let body = read_body(body)?;
-    let fields = parse_object(&body)?;
+    let fields = json_object(&headers, body)?;
     let attributes = Attributes::parse(&fields, Utc::now(), Fields::Update)?;
     if let Some(missing) = attributes
         .scopes
@@ -286,6 +282,15 @@ fn with_secret(
         Json(body),
     )
         .into_response()
+}
+
+/// A body that must be a JSON object declared as JSON.
+fn json_object(
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Map<String, Value>, ApiError> {
+    require_json(headers)?;
+    parse_object(&read_body(body)?)
 }
 
 /// A body that may be absent (then `{}`); when present, a JSON object declared as JSON.

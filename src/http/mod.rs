@@ -11,10 +11,11 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, any, delete, get, patch, post};
+use axum::routing::{MethodFilter, MethodRouter, any, get, on, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -57,40 +58,40 @@ fn table() -> Routes {
         .public("/metrics", get(handlers::metrics))
         .open(Method::POST, "/credentials", post(handlers::register))
         .protected(
-            Method::GET,
+            MethodFilter::GET,
             "/credentials",
             Need::Scope(CREDENTIALS_READ),
-            get(handlers::list),
+            handlers::list,
         )
         .protected(
-            Method::POST,
+            MethodFilter::POST,
             "/credentials/issue",
             Need::Scope(CREDENTIALS_WRITE),
-            post(handlers::issue),
+            handlers::issue,
         )
         .protected(
-            Method::GET,
+            MethodFilter::GET,
             "/credentials/{api_key}",
             Need::ScopeOrSelf(CREDENTIALS_READ),
-            get(handlers::get_one),
+            handlers::get_one,
         )
         .protected(
-            Method::DELETE,
+            MethodFilter::DELETE,
             "/credentials/{api_key}",
             Need::ScopeOrSelf(CREDENTIALS_REVOKE),
-            delete(handlers::revoke),
+            handlers::revoke,
         )
         .protected(
-            Method::PATCH,
+            MethodFilter::PATCH,
             "/credentials/{api_key}",
             Need::Scope(CREDENTIALS_WRITE),
-            patch(handlers::update),
+            handlers::update,
         )
         .protected(
-            Method::POST,
+            MethodFilter::POST,
             "/credentials/{api_key}/roll",
             Need::ScopeOrSelf(CREDENTIALS_WRITE),
-            post(handlers::roll),
+            handlers::roll,
         )
         // Every method on every path under it: proxies forward the original method and
         // append the original path (SPEC §7.4). It checks the scopes a request asks for.
@@ -146,8 +147,9 @@ pub(crate) struct Access {
     /// Single methods on a path open to a caller without credential headers; the path's
     /// other methods need a credential.
     open: Vec<(Method, &'static str)>,
-    /// Protected routes and the scope each needs, for the record (tests, documentation).
-    needs: Vec<(Method, &'static str, Need)>,
+    /// Protected routes and the scope each needs, as declared: what the unit test pins.
+    #[cfg(test)]
+    needs: Vec<(MethodFilter, &'static str, Need)>,
 }
 
 impl Access {
@@ -187,15 +189,21 @@ impl Routes {
     }
 
     /// One method on a path, for a valid credential holding what `need` says.
-    fn protected(
+    fn protected<H, T>(
         mut self,
-        method: Method,
+        method: MethodFilter,
         path: &'static str,
         need: Need,
-        route: MethodRouter<AppState>,
-    ) -> Self {
+        handler: H,
+    ) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        #[cfg(test)]
         self.access.needs.push((method, path, need));
-        let route = route.route_layer(middleware::from_fn_with_state(need, guard::require_scope));
+        let route = on(method, handler)
+            .route_layer(middleware::from_fn_with_state(need, guard::require_scope));
         self.router = self.router.route(path, route);
         self
     }
@@ -269,29 +277,33 @@ mod tests {
         assert_eq!(
             access.needs,
             [
-                (Method::GET, "/credentials", Need::Scope(CREDENTIALS_READ)),
                 (
-                    Method::POST,
+                    MethodFilter::GET,
+                    "/credentials",
+                    Need::Scope(CREDENTIALS_READ)
+                ),
+                (
+                    MethodFilter::POST,
                     "/credentials/issue",
                     Need::Scope(CREDENTIALS_WRITE)
                 ),
                 (
-                    Method::GET,
+                    MethodFilter::GET,
                     "/credentials/{api_key}",
                     Need::ScopeOrSelf(CREDENTIALS_READ)
                 ),
                 (
-                    Method::DELETE,
+                    MethodFilter::DELETE,
                     "/credentials/{api_key}",
                     Need::ScopeOrSelf(CREDENTIALS_REVOKE)
                 ),
                 (
-                    Method::PATCH,
+                    MethodFilter::PATCH,
                     "/credentials/{api_key}",
                     Need::Scope(CREDENTIALS_WRITE)
                 ),
                 (
-                    Method::POST,
+                    MethodFilter::POST,
                     "/credentials/{api_key}/roll",
                     Need::ScopeOrSelf(CREDENTIALS_WRITE)
                 ),

@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::helpers::app::{Backend, TestApp, spawn_app};
-use crate::helpers::client::assert_error;
+use crate::helpers::client::{assert_error, in_seconds};
 use crate::helpers::credentials::{Pair, deriver, mint};
 use crate::helpers::wait::eventually;
 
@@ -59,11 +59,6 @@ async fn minted(resp: reqwest::Response) -> (Pair, Value) {
         secret: body["api_secret"].as_str().unwrap().to_owned(),
     };
     (pair, body)
-}
-
-fn in_seconds(seconds: i64) -> String {
-    (Utc::now() + chrono::Duration::seconds(seconds))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// The number of registered credentials, as the admin sees them.

@@ -3,13 +3,12 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
 use credgate::attributes::Scopes;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::helpers::app::{Backend, TestApp, spawn_app, spawn_app_with};
-use crate::helpers::client::{assert_error, metric_value};
+use crate::helpers::client::{assert_error, in_seconds, metric_value};
 use crate::helpers::credentials::{Pair, deriver, forged, mint};
 use crate::helpers::wait::eventually;
 
@@ -50,11 +49,6 @@ async fn listed(app: &TestApp, query: &str, by: &Pair) -> Vec<String> {
         .iter()
         .map(|c| c["api_key"].as_str().unwrap().to_owned())
         .collect()
-}
-
-fn in_seconds(seconds: i64) -> String {
-    (Utc::now() + chrono::Duration::seconds(seconds))
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 async fn registration_stores_attributes_and_listing_filters_them(backend: Backend) {

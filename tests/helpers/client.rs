@@ -141,6 +141,12 @@ impl Client {
     }
 }
 
+/// An `expires_at` value `seconds` from now (in the past when negative), as the API writes it.
+pub fn in_seconds(seconds: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::seconds(seconds))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// The value of one series in a metrics text (the exact series text before the value).
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
