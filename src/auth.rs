@@ -662,6 +662,8 @@ mod tests {
         changes: broadcast::Sender<Change>,
     }
 
+    use crate::audit::{Event, EventQuery, Origin};
+
     #[async_trait]
     impl CredentialStore for HeldStore {
         async fn lookup(&self, _key: &ApiKey) -> Result<Option<AuthRecord>, StoreError> {
@@ -686,11 +688,31 @@ mod tests {
         async fn close(&self) {}
 
         // The authenticator only looks keys up.
-        async fn register(&self, _new: &NewCredential) -> Result<Registration, StoreError> {
+        async fn register(
+            &self,
+            _new: &NewCredential,
+            _origin: &Origin,
+        ) -> Result<Registration, StoreError> {
             unreachable!("not used by the authenticator")
         }
 
-        async fn update(&self, _key: &ApiKey, _update: &Update) -> Result<Updated, StoreError> {
+        async fn update(
+            &self,
+            _key: &ApiKey,
+            _update: &Update,
+            _origin: &Origin,
+        ) -> Result<Updated, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn events(&self, _query: &EventQuery) -> Result<Vec<Event>, StoreError> {
+            unreachable!("not used by the authenticator")
+        }
+
+        async fn prune_events(
+            &self,
+            _before: chrono::DateTime<chrono::Utc>,
+        ) -> Result<u64, StoreError> {
             unreachable!("not used by the authenticator")
         }
 
@@ -716,15 +738,12 @@ mod tests {
             _new: &ApiKey,
             _master_key_id: &str,
             _old_until: chrono::DateTime<chrono::Utc>,
+            _origin: &Origin,
         ) -> Result<crate::store::Rolled, StoreError> {
             unreachable!("not used by the authenticator")
         }
 
-        async fn revoke(
-            &self,
-            _key: &ApiKey,
-            _by: Option<&ApiKey>,
-        ) -> Result<Revocation, StoreError> {
+        async fn revoke(&self, _key: &ApiKey, _origin: &Origin) -> Result<Revocation, StoreError> {
             unreachable!("not used by the authenticator")
         }
 

@@ -22,6 +22,7 @@
 //! library.
 
 pub mod attributes;
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub(crate) mod connections;

@@ -198,8 +198,11 @@ fn spawn_connection(http: &http1::Builder, router: &Router, admitted: Admitted, 
             response
         }
     });
+    let peer = stream.peer_addr().ok().map(|addr| addr.ip());
     let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-    tokio::spawn(async move {
+    // Requests are served inside this task (HTTP/1 runs the handler in the connection's
+    // future), so the peer address set here is what an audited write records.
+    tokio::spawn(crate::http::PEER.scope(peer, async move {
         let close_requested = admitted.close_requested();
         let result = async move {
             let mut conn = std::pin::pin!(conn);
@@ -216,7 +219,7 @@ fn spawn_connection(http: &http1::Builder, router: &Router, admitted: Admitted, 
         if let Err(e) = result {
             tracing::debug!(error = %e, "connection ended with an error");
         }
-    });
+    }));
 }
 
 /// Warns when the connection limit plus what the database and the process need exceeds the

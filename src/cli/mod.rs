@@ -13,6 +13,7 @@ use credgate::credential::KeyRing;
 use credgate::store::{self, CredentialStore, DatabaseTarget};
 use credgate::telemetry::{self, LogFormat, Metrics};
 
+mod audit;
 mod issue;
 mod keygen;
 mod keys;
@@ -49,6 +50,8 @@ enum Command {
     List(list::ListArgs),
     /// Revoke a credential straight in the database.
     Revoke(revoke::RevokeArgs),
+    /// Print the audit log as JSON lines from the database; `audit prune` trims it.
+    Audit(audit::AuditArgs),
     /// Find leaked credential pairs in files or stdin; exit 1 when a live one is found.
     Scan(scan::ScanArgs),
 }
@@ -70,6 +73,7 @@ impl Cli {
             Command::List(args) => list::run(args).await,
             Command::Revoke(args) => revoke::run(args).await,
             Command::Scan(args) => scan::run(args).await,
+            Command::Audit(args) => audit::run(args).await,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use super::DatabaseArgs;
+use credgate::audit::Origin;
 use credgate::credential::ApiKey;
 use credgate::store::Revocation;
 
@@ -13,6 +14,9 @@ use credgate::store::Revocation;
 pub(super) struct RevokeArgs {
     /// The api_key to revoke.
     api_key: String,
+    /// Why, for the audit log (its event's detail.reason).
+    #[arg(long)]
+    reason: Option<String>,
     #[command(flatten)]
     db: DatabaseArgs,
 }
@@ -20,7 +24,11 @@ pub(super) struct RevokeArgs {
 pub(super) async fn run(args: RevokeArgs) -> anyhow::Result<ExitCode> {
     let key = ApiKey::parse(&args.api_key).map_err(|e| anyhow::anyhow!("api_key {e}"))?;
     let store = args.db.open_existing().await?;
-    match store.revoke(&key, None).await? {
+    let mut origin = Origin::cli();
+    if let Some(reason) = args.reason {
+        origin = origin.with("reason", reason);
+    }
+    match store.revoke(&key, &origin).await? {
         Revocation::Revoked => {
             println!(
                 "{}",

@@ -12,6 +12,7 @@ use clap::Args;
 
 use super::{DatabaseArgs, MasterKeyArgs};
 use credgate::attributes::State;
+use credgate::audit::Origin;
 use credgate::config::WhenMissing;
 use credgate::credential::ApiKey;
 use credgate::store::Revocation;
@@ -83,7 +84,10 @@ pub(super) async fn run(args: ScanArgs) -> anyhow::Result<ExitCode> {
                 && state == State::Active.to_string()
                 && let Some(store) = &store
             {
-                revoked = Some(store.revoke(&found.key, None).await? == Revocation::Revoked);
+                let origin = Origin::cli()
+                    .with("reason", "leaked")
+                    .with("found_in", format!("{}:{}", source.name, found.line));
+                revoked = Some(store.revoke(&found.key, &origin).await? == Revocation::Revoked);
             }
             if matches!(state.as_str(), "active" | "unregistered" | "unknown")
                 && revoked != Some(true)

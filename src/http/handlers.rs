@@ -18,8 +18,10 @@ use axum::http::HeaderName;
 use chrono::{DateTime, Utc};
 
 use super::Caller;
+use super::origin::RequestOrigin;
 use super::{ApiError, AppState};
 use crate::attributes::{self, Scopes, State as CredentialState, scope};
+use crate::audit::EventQuery;
 use crate::config::VerifyStatus;
 use crate::credential::{ApiKey, ApiSecret};
 use crate::store::{ListQuery, NewCredential, Registration, Revocation, Rolled, Update, Updated};
@@ -58,6 +60,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
 pub(super) async fn register(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
+    RequestOrigin(origin): RequestOrigin,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -98,8 +101,9 @@ pub(super) async fn register(
         scopes,
         expires_at: attributes.expires_at.flatten(),
         master_key_id: Some(deriver.key_id().to_owned()),
+        issued: false,
     };
-    match state.store.register(&new).await? {
+    match state.store.register(&new, &origin).await? {
         Registration::Created => {
             state.metrics.registered();
             tracing::info!(api_key = %key, "credential registered");
@@ -118,6 +122,7 @@ pub(super) async fn register(
 pub(super) async fn update(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    RequestOrigin(origin): RequestOrigin,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -139,7 +144,7 @@ pub(super) async fn update(
         scopes: attributes.scopes,
         expires_at: attributes.expires_at,
     };
-    match state.store.update(&key, &update).await? {
+    match state.store.update(&key, &update, &origin).await? {
         Updated::Changed(record) => {
             if update.touches_authentication() {
                 state.auth.forget(&key).await;
@@ -159,6 +164,7 @@ pub(super) async fn update(
 pub(super) async fn issue(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    RequestOrigin(origin): RequestOrigin,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -178,11 +184,12 @@ pub(super) async fn issue(
         scopes,
         expires_at: attributes.expires_at.flatten(),
         master_key_id: Some(deriver.key_id().to_owned()),
+        issued: true,
     };
     // A fresh key has more than 190 random bits: a collision is a broken random source.
-    if state.store.register(&new).await? == Registration::Duplicate {
+    if state.store.register(&new, &origin).await? == Registration::Duplicate {
         new.api_key = ApiKey::generate();
-        if state.store.register(&new).await? == Registration::Duplicate {
+        if state.store.register(&new, &origin).await? == Registration::Duplicate {
             tracing::error!("two freshly minted keys were both registered already");
             return Err(ApiError::Internal);
         }
@@ -211,6 +218,7 @@ const DEFAULT_GRACE_SECONDS: i64 = 86_400;
 pub(super) async fn roll(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    RequestOrigin(origin): RequestOrigin,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -241,7 +249,7 @@ pub(super) async fn roll(
         let new = ApiKey::generate();
         match state
             .store
-            .roll(&old, &new, deriver.key_id(), until)
+            .roll(&old, &new, deriver.key_id(), until, &origin)
             .await?
         {
             Rolled::Rolled(record) => {
@@ -570,10 +578,11 @@ fn string_field<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a st
 pub(super) async fn revoke(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
+    RequestOrigin(origin): RequestOrigin,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let key = path_key(path)?;
-    match state.store.revoke(&key, Some(&caller.key)).await? {
+    match state.store.revoke(&key, &origin).await? {
         Revocation::Revoked => {
             state.auth.forget_revoked(&key).await;
             state.metrics.revoked();
@@ -719,6 +728,60 @@ pub(super) async fn list(
     Ok(Json(json!({ "credentials": page, "next": next })))
 }
 
+#[derive(Debug, Deserialize)]
+pub(super) struct AuditParams {
+    api_key: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// `GET /audit` (`audit:read`): the audit log, oldest first, paged by event id; `next` is the
+/// last id of a full page.
+pub(super) async fn audit(
+    State(state): State<AppState>,
+    params: Result<Query<AuditParams>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(params) =
+        params.map_err(|_| ApiError::InvalidField("query string is malformed".into()))?;
+    let limit = page_limit(params.limit.as_deref())?;
+    let api_key = params
+        .api_key
+        .as_deref()
+        .map(ApiKey::parse)
+        .transpose()
+        .map_err(|_| ApiError::field("api_key", "must be an api_key (ak_…)"))?;
+    let after = params
+        .after
+        .as_deref()
+        .map(|raw| raw.parse::<i64>().ok().filter(|n| *n >= 0))
+        .map(|id| id.ok_or_else(|| ApiError::field("after", "must be a cursor returned as `next`")))
+        .transpose()?;
+    let query = EventQuery {
+        api_key,
+        after,
+        limit: limit + 1,
+    };
+    let mut events = state.store.events(&query).await?;
+    let more = events.len() > limit as usize;
+    events.truncate(limit as usize);
+    let next = more
+        .then(|| events.last().map(|e| e.id.to_string()))
+        .flatten();
+    Ok(Json(json!({ "events": events, "next": next })))
+}
+
+/// A page size from `?limit=`: 1..=1000, 100 when absent.
+fn page_limit(raw: Option<&str>) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(DEFAULT_PAGE),
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_PAGE).contains(n))
+            .ok_or_else(|| ApiError::field("limit", "must be a whole number from 1 to 1000")),
+    }
+}
+
 /// A `GET /credentials` query, checked.
 #[derive(Debug, PartialEq, Eq)]
 struct ListRequest {
@@ -733,14 +796,7 @@ fn list_request(
 ) -> Result<ListRequest, ApiError> {
     let Query(params) =
         params.map_err(|_| ApiError::InvalidField("query string is malformed".into()))?;
-    let limit = match params.limit.as_deref() {
-        None => DEFAULT_PAGE,
-        Some(raw) => raw
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_PAGE).contains(n))
-            .ok_or_else(|| ApiError::field("limit", "must be a whole number from 1 to 1000"))?,
-    };
+    let limit = page_limit(params.limit.as_deref())?;
     let after = params
         .after
         .as_deref()

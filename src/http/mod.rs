@@ -19,7 +19,9 @@ use axum::routing::{MethodFilter, MethodRouter, any, get, on, post};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
-use crate::attributes::scope::{CREDENTIALS_READ, CREDENTIALS_REVOKE, CREDENTIALS_WRITE};
+use crate::attributes::scope::{
+    AUDIT_READ, CREDENTIALS_READ, CREDENTIALS_REVOKE, CREDENTIALS_WRITE,
+};
 use crate::auth::Authenticator;
 use crate::config::Policy;
 use crate::store::CredentialStore;
@@ -28,11 +30,13 @@ use crate::telemetry::Metrics;
 mod error;
 mod guard;
 mod handlers;
+mod origin;
 
 pub use crate::auth::Caller;
 pub use error::ApiError;
 pub use guard::{KEY_HEADER, SECRET_HEADER};
 use guard::{Need, Open};
+pub(crate) use origin::PEER;
 
 /// Largest accepted request body (SPEC §2).
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -92,6 +96,12 @@ fn table() -> Routes {
             "/credentials/{api_key}/roll",
             Need::ScopeOrSelf(CREDENTIALS_WRITE),
             handlers::roll,
+        )
+        .protected(
+            MethodFilter::GET,
+            "/audit",
+            Need::Scope(AUDIT_READ),
+            handlers::audit,
         )
         // Every method on every path under it: proxies forward the original method and
         // append the original path (SPEC §7.4). It checks the scopes a request asks for.
@@ -307,6 +317,7 @@ mod tests {
                     "/credentials/{api_key}/roll",
                     Need::ScopeOrSelf(CREDENTIALS_WRITE)
                 ),
+                (MethodFilter::GET, "/audit", Need::Scope(AUDIT_READ)),
             ]
         );
     }

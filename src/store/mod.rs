@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::attributes::{Scopes, State, format_time};
+use crate::audit::{Event, EventQuery, Origin};
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 
@@ -158,10 +159,13 @@ pub struct NewCredential {
     pub expires_at: Option<DateTime<Utc>>,
     /// The master key that verified its pair.
     pub master_key_id: Option<String>,
+    /// Minted by the service (`issued` in the audit log) rather than registered by its
+    /// holder (`registered`).
+    pub issued: bool,
 }
 
 impl NewCredential {
-    /// A credential with no attributes but these scopes.
+    /// A credential registered by its holder, with no attributes but these scopes.
     pub fn new(api_key: ApiKey, scopes: Scopes) -> Self {
         Self {
             api_key,
@@ -171,6 +175,7 @@ impl NewCredential {
             scopes,
             expires_at: None,
             master_key_id: None,
+            issued: false,
         }
     }
 }
@@ -406,18 +411,28 @@ impl Drop for AbortOnDrop {
 /// Where credentials live. One implementation per database; all share this contract.
 #[async_trait]
 pub trait CredentialStore: Send + Sync + 'static {
-    /// Stores a new active credential. Exactly one of concurrent calls for a key gets `Created`.
-    async fn register(&self, new: &NewCredential) -> Result<Registration, StoreError>;
+    /// Stores a new active credential, and its audit event. Exactly one of concurrent calls
+    /// for a key gets `Created`.
+    async fn register(
+        &self,
+        new: &NewCredential,
+        origin: &Origin,
+    ) -> Result<Registration, StoreError>;
 
-    /// Revokes an active credential, recording who did it. Exactly one of concurrent calls
-    /// for a key gets `Revoked`.
-    async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError>;
+    /// Revokes an active credential, recording who did it (`revoked_by` is the origin's
+    /// actor) and its audit event. Exactly one of concurrent calls for a key gets `Revoked`.
+    async fn revoke(&self, key: &ApiKey, origin: &Origin) -> Result<Revocation, StoreError>;
 
     /// What authentication needs of a key; `None` when it was never registered.
     async fn lookup(&self, key: &ApiKey) -> Result<Option<AuthRecord>, StoreError>;
 
-    /// Changes the attributes of a credential that is not revoked.
-    async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError>;
+    /// Changes the attributes of a credential that is not revoked, with its audit event.
+    async fn update(
+        &self,
+        key: &ApiKey,
+        update: &Update,
+        origin: &Origin,
+    ) -> Result<Updated, StoreError>;
 
     /// Sets `last_used_at` of these credentials to `at`, unless a later use is recorded
     /// already (another instance): one batch per interval (SPEC §8.4).
@@ -430,14 +445,22 @@ pub trait CredentialStore: Send + Sync + 'static {
 
     /// Registers `new` (derived with master key `master_key_id`) with the attributes of the
     /// active, unexpired credential `old`, and moves `old`'s expiry to `old_until` unless it
-    /// ends sooner: both in one transaction, or neither.
+    /// ends sooner: both in one transaction with their audit events (`rolled` for the old
+    /// key, `issued` for the new one), or nothing.
     async fn roll(
         &self,
         old: &ApiKey,
         new: &ApiKey,
         master_key_id: &str,
         old_until: DateTime<Utc>,
+        origin: &Origin,
     ) -> Result<Rolled, StoreError>;
+
+    /// A page of the audit log, oldest first.
+    async fn events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError>;
+
+    /// Deletes the audit events written before `before`; returns how many.
+    async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 
     /// One credential, revoked or not.
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError>;

@@ -20,6 +20,7 @@ use super::{
     CredentialStore, ListQuery, NewCredential, Registration, Revocation, Rolled, StoreError,
     StoreSettings, Update, Updated, credential_columns, select_credential, timed,
 };
+use crate::audit::{Event, EventQuery, NewEvent, Origin};
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 use chrono::{DateTime, Utc};
@@ -51,8 +52,12 @@ fn connect_options(url: &str, settings: &StoreSettings) -> Result<PgConnectOptio
     Ok(PgConnectOptions::from_str(url)
         .map_err(|e| anyhow::anyhow!("invalid PostgreSQL URL: {e}"))?
         .application_name("credgate")
-        // A wedged query fails (500) instead of holding a worker forever.
-        .options([("statement_timeout", timeout_ms.as_str())]))
+        // A wedged query fails (500) instead of holding a worker forever. `credgate.audit`
+        // tells the schema's audit trigger that this connection records its own events.
+        .options([
+            ("statement_timeout", timeout_ms.as_str()),
+            ("credgate.audit", "service"),
+        ]))
 }
 
 /// Connects a pool and applies the migrations (serialised across instances by sqlx's
@@ -140,15 +145,25 @@ where
 
 #[async_trait]
 impl CredentialStore for PgStore {
-    async fn register(&self, new: &NewCredential) -> Result<Registration, StoreError> {
+    async fn register(
+        &self,
+        new: &NewCredential,
+        origin: &Origin,
+    ) -> Result<Registration, StoreError> {
+        let event = origin.registered(new);
+        // One statement: the event is inserted only with the row, in its transaction.
         let done = timed(
             &self.metrics,
             "register",
             retrying(|| {
                 sqlx::query(
-                    "INSERT INTO api_credential \
-                     (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (api_key) DO NOTHING",
+                    "WITH created AS ( \
+                       INSERT INTO api_credential \
+                       (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+                       VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (api_key) DO NOTHING \
+                       RETURNING api_key) \
+                     INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+                     SELECT api_key, $8, $9, $10, $11 FROM created",
                 )
                 .bind(new.api_key.as_str())
                 .bind(new.name.as_deref())
@@ -157,6 +172,10 @@ impl CredentialStore for PgStore {
                 .bind(new.scopes.to_stored())
                 .bind(new.expires_at)
                 .bind(new.master_key_id.as_deref())
+                .bind(event.event)
+                .bind(event.actor.as_deref())
+                .bind(event.source)
+                .bind(Json(&event.detail))
                 .execute(&self.pool)
             }),
         )
@@ -164,20 +183,30 @@ impl CredentialStore for PgStore {
         Ok(Registration::from_rows(done.rows_affected()))
     }
 
-    async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError> {
+    async fn update(
+        &self,
+        key: &ApiKey,
+        update: &Update,
+        origin: &Origin,
+    ) -> Result<Updated, StoreError> {
+        let event = origin.updated(key, update);
         let changed = timed(
             &self.metrics,
             "update",
             retrying(|| {
                 sqlx::query_as::<_, CredentialRow>(concat!(
-                    "UPDATE api_credential SET ",
+                    "WITH changed AS (UPDATE api_credential SET ",
                     "name = CASE WHEN $1 THEN $2 ELSE name END, ",
                     "owner = CASE WHEN $3 THEN $4 ELSE owner END, ",
                     "meta = COALESCE($5, meta), ",
                     "scopes = COALESCE($6, scopes), ",
                     "expires_at = CASE WHEN $7 THEN $8 ELSE expires_at END ",
                     "WHERE api_key = $9 AND active RETURNING ",
-                    credential_columns!()
+                    credential_columns!(),
+                    "), logged AS (",
+                    "INSERT INTO api_credential_event (api_key, event, actor, source, detail) ",
+                    "SELECT api_key, $10, $11, $12, $13 FROM changed) ",
+                    "SELECT * FROM changed"
                 ))
                 .bind(update.name.is_some())
                 .bind(update.name.clone().flatten())
@@ -188,6 +217,10 @@ impl CredentialStore for PgStore {
                 .bind(update.expires_at.is_some())
                 .bind(update.expires_at.flatten())
                 .bind(key.as_str())
+                .bind(event.event)
+                .bind(event.actor.as_deref())
+                .bind(event.source)
+                .bind(Json(&event.detail))
                 .fetch_optional(&self.pool)
             }),
         )
@@ -251,6 +284,7 @@ impl CredentialStore for PgStore {
         new: &ApiKey,
         master_key_id: &str,
         old_until: DateTime<Utc>,
+        origin: &Origin,
     ) -> Result<Rolled, StoreError> {
         let rolled = timed(
             &self.metrics,
@@ -293,30 +327,63 @@ impl CredentialStore for PgStore {
                     .bind(new.as_str())
                     .fetch_one(&mut *tx)
                     .await?;
+                let record = CredentialRecord::from(row);
+                record_events(&mut tx, &origin.rolled(old, new, &record, old_until)).await?;
                 tx.commit().await?;
-                Ok(Rolled::Rolled(Box::new(row.into())))
+                Ok(Rolled::Rolled(Box::new(record)))
             }),
         )
         .await?;
         Ok(rolled)
     }
 
-    async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
+    async fn revoke(&self, key: &ApiKey, origin: &Origin) -> Result<Revocation, StoreError> {
+        let event = origin.revoked(key);
         let done = timed(
             &self.metrics,
             "revoke",
             retrying(|| {
                 sqlx::query(
-                    "UPDATE api_credential SET active = false, revoked_by = $2 \
-                 WHERE api_key = $1 AND active",
+                    "WITH revoked AS ( \
+                       UPDATE api_credential SET active = false, revoked_by = $2 \
+                       WHERE api_key = $1 AND active RETURNING api_key) \
+                     INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+                     SELECT api_key, $3, $2, $4, $5 FROM revoked",
                 )
                 .bind(key.as_str())
-                .bind(by.map(ApiKey::as_str))
+                .bind(event.actor.as_deref())
+                .bind(event.event)
+                .bind(event.source)
+                .bind(Json(&event.detail))
                 .execute(&self.pool)
             }),
         )
         .await?;
         Ok(Revocation::from_rows(done.rows_affected()))
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
+        Ok(timed(
+            &self.metrics,
+            "events",
+            sqlx::query_as::<_, Event>(
+                "SELECT id, at, api_key, event, actor, source, detail FROM api_credential_event \
+                 WHERE id > $1 AND ($2::text IS NULL OR api_key = $2) ORDER BY id LIMIT $3",
+            )
+            .bind(query.after.unwrap_or(0))
+            .bind(query.api_key.as_ref().map(ApiKey::as_str))
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.pool),
+        )
+        .await?)
+    }
+
+    async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM api_credential_event WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     async fn lookup(&self, key: &ApiKey) -> Result<Option<AuthRecord>, StoreError> {
@@ -415,6 +482,23 @@ impl CredentialStore for PgStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Inserts audit events within a transaction, in order.
+async fn record_events(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    events: &[NewEvent],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+         SELECT e.value ->> 'api_key', e.value ->> 'event', e.value ->> 'actor', \
+                e.value ->> 'source', e.value -> 'detail' \
+         FROM jsonb_array_elements($1) WITH ORDINALITY AS e(value, n) ORDER BY e.n",
+    )
+    .bind(Json(events))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The LISTEN side of the change feed: one connection of its own, reconnected with backoff;

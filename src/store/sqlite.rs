@@ -25,6 +25,7 @@ use super::{
     Update, Updated, credential_columns, select_credential, timed,
 };
 use crate::attributes::format_time;
+use crate::audit::{Event, EventQuery, NewEvent, Origin};
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 use chrono::{DateTime, Utc};
@@ -61,11 +62,13 @@ impl Default for SqliteOptions {
 enum WriteOp {
     Register {
         new: Box<NewCredential>,
+        origin: Box<Origin>,
         reply: oneshot::Sender<Result<Registration, StoreError>>,
     },
     Update {
         key: ApiKey,
         update: Box<Update>,
+        origin: Box<Origin>,
         reply: oneshot::Sender<Result<Updated, StoreError>>,
     },
     Roll {
@@ -86,7 +89,7 @@ enum WriteOp {
     },
     Revoke {
         key: ApiKey,
-        by: Option<ApiKey>,
+        origin: Box<Origin>,
         reply: oneshot::Sender<Result<Revocation, StoreError>>,
     },
     /// A write that changes nothing of substance: proves the database accepts commits.
@@ -101,6 +104,7 @@ struct Roll {
     new: ApiKey,
     master_key_id: String,
     old_until: DateTime<Utc>,
+    origin: Origin,
 }
 
 enum Outcome {
@@ -534,13 +538,91 @@ fn answer(
 async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outcome>, StoreError> {
     sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await?;
     let mut outcomes = Vec::with_capacity(ops.len());
+    let mut events = Vec::new();
+    let mut marker = Marker(false);
+    let result = apply_within(conn, ops, &mut outcomes, &mut events, &mut marker).await;
+    let result = match result {
+        Ok(()) => record(conn, &events, marker).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        // Best effort: the caller discards this connection whatever happens here.
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
+    }
+    if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
+        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+        return Err(e.into());
+    }
+    Ok(outcomes)
+}
+
+/// Whether this transaction holds the marker row that tells the schema's audit triggers
+/// that the service records these changes itself. It is inserted just before the first
+/// statement that changes a credential, so a batch that changes none (a duplicate
+/// registration, say) writes nothing, and is answered even while the disk is full.
+struct Marker(bool);
+
+impl Marker {
+    async fn set(&mut self, conn: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+        if !self.0 {
+            sqlx::query("INSERT INTO credgate_audit_writer (id) VALUES (1)")
+                .execute(&mut *conn)
+                .await?;
+            self.0 = true;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a key is stored and active; `None` when it is not stored.
+async fn active(conn: &mut SqliteConnection, key: &ApiKey) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = ?")
+        .bind(key.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+}
+
+/// The writes of a batch, inside its transaction, collecting their audit events. (Each
+/// check before a write is exact: the transaction holds the write lock.)
+async fn apply_within(
+    conn: &mut SqliteConnection,
+    ops: &[WriteOp],
+    outcomes: &mut Vec<Outcome>,
+    events: &mut Vec<NewEvent>,
+    marker: &mut Marker,
+) -> Result<(), sqlx::Error> {
     for op in ops {
         let outcome = match op {
-            WriteOp::Register { new, .. } => register(conn, new).await.map(Outcome::Registration),
-            WriteOp::Update { key, update, .. } => {
-                self::update(conn, key, update).await.map(Outcome::Update)
+            WriteOp::Register { new, origin, .. } => {
+                let created = register(conn, new, marker).await?;
+                if created == Registration::Created {
+                    events.push(origin.registered(new));
+                }
+                Outcome::Registration(created)
             }
-            WriteOp::Roll { roll, .. } => self::roll(conn, roll).await.map(Outcome::Roll),
+            WriteOp::Update {
+                key,
+                update,
+                origin,
+                ..
+            } => {
+                let updated = self::update(conn, key, update, marker).await?;
+                if matches!(updated, Updated::Changed(_)) {
+                    events.push(origin.updated(key, update));
+                }
+                Outcome::Update(updated)
+            }
+            WriteOp::Roll { roll, .. } => {
+                let rolled = self::roll(conn, roll, marker).await?;
+                if let Rolled::Rolled(record) = &rolled {
+                    events.extend(
+                        roll.origin
+                            .rolled(&roll.old, &roll.new, record, roll.old_until),
+                    );
+                }
+                Outcome::Roll(rolled)
+            }
             WriteOp::Touch { keys, at, .. } => sqlx::query(
                 "UPDATE api_credential SET last_used_at = ?1 \
                  WHERE api_key IN (SELECT value FROM json_each(?2)) \
@@ -550,7 +632,7 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
             .bind(keys.as_str())
             .execute(&mut *conn)
             .await
-            .map(|_| Outcome::Touch),
+            .map(|_| Outcome::Touch)?,
             WriteOp::MasterKeyId { keys, id, .. } => sqlx::query(
                 "UPDATE api_credential SET master_key_id = ? \
                  WHERE api_key IN (SELECT value FROM json_each(?)) AND master_key_id IS NULL",
@@ -559,15 +641,26 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
             .bind(keys.as_str())
             .execute(&mut *conn)
             .await
-            .map(|_| Outcome::MasterKeyId),
-            WriteOp::Revoke { key, by, .. } => sqlx::query(
-                "UPDATE api_credential SET active = 0, revoked_by = ? WHERE api_key = ? AND active = 1",
-            )
-            .bind(by.as_ref().map(ApiKey::as_str))
-            .bind(key.as_str())
-            .execute(&mut *conn)
-            .await
-            .map(|done| Outcome::Revocation(Revocation::from_rows(done.rows_affected()))),
+            .map(|_| Outcome::MasterKeyId)?,
+            WriteOp::Revoke { key, .. } if active(conn, key).await? != Some(true) => {
+                Outcome::Revocation(Revocation::NotFound)
+            }
+            WriteOp::Revoke { key, origin, .. } => {
+                marker.set(conn).await?;
+                let done = sqlx::query(
+                    "UPDATE api_credential SET active = 0, revoked_by = ? \
+                     WHERE api_key = ? AND active = 1",
+                )
+                .bind(origin.actor.as_ref().map(ApiKey::as_str))
+                .bind(key.as_str())
+                .execute(&mut *conn)
+                .await?;
+                let revoked = Revocation::from_rows(done.rows_affected());
+                if revoked == Revocation::Revoked {
+                    events.push(origin.revoked(key));
+                }
+                Outcome::Revocation(revoked)
+            }
             WriteOp::Probe { .. } => sqlx::query(
                 "INSERT INTO credgate_write_probe (id, at) \
                  VALUES (1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
@@ -575,28 +668,49 @@ async fn apply(conn: &mut SqliteConnection, ops: &[WriteOp]) -> Result<Vec<Outco
             )
             .execute(&mut *conn)
             .await
-            .map(|_| Outcome::Probe),
+            .map(|_| Outcome::Probe)?,
         };
-        match outcome {
-            Ok(outcome) => outcomes.push(outcome),
-            Err(e) => {
-                // Best effort: the caller discards this connection whatever happens here.
-                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-                return Err(e.into());
-            }
-        }
+        outcomes.push(outcome);
     }
-    if let Err(e) = sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
-        return Err(e.into());
+    Ok(())
+}
+
+/// Writes a batch's audit events, in one statement, and removes the marker row: both in the
+/// batch's transaction, just before its `COMMIT`.
+async fn record(
+    conn: &mut SqliteConnection,
+    events: &[NewEvent],
+    marker: Marker,
+) -> Result<(), sqlx::Error> {
+    if !events.is_empty() {
+        let events = serde_json::to_string(events).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        sqlx::query(
+            "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+             SELECT e.value ->> 'api_key', e.value ->> 'event', e.value ->> 'actor', \
+                    e.value ->> 'source', e.value -> 'detail' \
+             FROM json_each(?) AS e ORDER BY e.key",
+        )
+        .bind(events)
+        .execute(&mut *conn)
+        .await?;
     }
-    Ok(outcomes)
+    if marker.0 {
+        sqlx::query("DELETE FROM credgate_audit_writer")
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 async fn register(
     conn: &mut SqliteConnection,
     new: &NewCredential,
+    marker: &mut Marker,
 ) -> Result<Registration, sqlx::Error> {
+    if active(conn, &new.api_key).await?.is_some() {
+        return Ok(Registration::Duplicate);
+    }
+    marker.set(conn).await?;
     let meta = serde_json::Value::Object(new.meta.clone()).to_string();
     let done = sqlx::query(
         "INSERT INTO api_credential \
@@ -615,13 +729,19 @@ async fn register(
     Ok(Registration::from_rows(done.rows_affected()))
 }
 
-/// Changes the given attributes of an active credential; tells a revoked key from an
-/// unknown one when nothing changed.
+/// Changes the given attributes of an active credential.
 async fn update(
     conn: &mut SqliteConnection,
     key: &ApiKey,
     update: &Update,
+    marker: &mut Marker,
 ) -> Result<Updated, sqlx::Error> {
+    match active(conn, key).await? {
+        None => return Ok(Updated::NotFound),
+        Some(false) => return Ok(Updated::Revoked),
+        Some(true) => {}
+    }
+    marker.set(conn).await?;
     let row: Option<CredentialRow> = sqlx::query_as(concat!(
         "UPDATE api_credential SET ",
         "name = CASE WHEN ?1 THEN ?2 ELSE name END, ",
@@ -648,18 +768,10 @@ async fn update(
     .bind(key.as_str())
     .fetch_optional(&mut *conn)
     .await?;
-    if let Some(row) = row {
-        return Ok(Updated::Changed(Box::new(row.into())));
-    }
-    let active: Option<bool> =
-        sqlx::query_scalar("SELECT active FROM api_credential WHERE api_key = ?")
-            .bind(key.as_str())
-            .fetch_optional(&mut *conn)
-            .await?;
-    Ok(match active {
-        None => Updated::NotFound,
-        Some(_) => Updated::Revoked,
-    })
+    // Checked active above, within this transaction.
+    Ok(row.map_or(Updated::Revoked, |row| {
+        Updated::Changed(Box::new(row.into()))
+    }))
 }
 
 /// Keys as a JSON array, for `json_each`: one bound parameter for a batch of any size.
@@ -669,7 +781,11 @@ fn json_keys(keys: &[ApiKey]) -> String {
 
 /// Rolls within the writer's transaction: the checks, the new row and the old one's expiry
 /// commit together (a failure rolls back the batch, and the writer retries each write alone).
-async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::Error> {
+async fn roll(
+    conn: &mut SqliteConnection,
+    roll: &Roll,
+    marker: &mut Marker,
+) -> Result<Rolled, sqlx::Error> {
     let row: Option<(bool, Option<DateTime<Utc>>)> =
         sqlx::query_as("SELECT active, expires_at FROM api_credential WHERE api_key = ?")
             .bind(roll.old.as_str())
@@ -678,6 +794,7 @@ async fn roll(conn: &mut SqliteConnection, roll: &Roll) -> Result<Rolled, sqlx::
     if let Some(refused) = Rolled::refusal(row) {
         return Ok(refused);
     }
+    marker.set(conn).await?;
     let inserted = sqlx::query(
         "INSERT INTO api_credential \
          (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
@@ -727,30 +844,71 @@ impl CredentialStore for SqliteStore {
         new: &ApiKey,
         master_key_id: &str,
         old_until: DateTime<Utc>,
+        origin: &Origin,
     ) -> Result<Rolled, StoreError> {
         let roll = Box::new(Roll {
             old: old.clone(),
             new: new.clone(),
             master_key_id: master_key_id.to_owned(),
             old_until,
+            origin: origin.clone(),
         });
         self.write(|reply| WriteOp::Roll { roll, reply }).await
     }
 
-    async fn register(&self, new: &NewCredential) -> Result<Registration, StoreError> {
-        let new = Box::new(new.clone());
-        self.write(|reply| WriteOp::Register { new, reply }).await
-    }
-
-    async fn update(&self, key: &ApiKey, update: &Update) -> Result<Updated, StoreError> {
-        let (key, update) = (key.clone(), Box::new(update.clone()));
-        self.write(|reply| WriteOp::Update { key, update, reply })
+    async fn register(
+        &self,
+        new: &NewCredential,
+        origin: &Origin,
+    ) -> Result<Registration, StoreError> {
+        let (new, origin) = (Box::new(new.clone()), Box::new(origin.clone()));
+        self.write(|reply| WriteOp::Register { new, origin, reply })
             .await
     }
 
-    async fn revoke(&self, key: &ApiKey, by: Option<&ApiKey>) -> Result<Revocation, StoreError> {
-        let (key, by) = (key.clone(), by.cloned());
-        self.write(|reply| WriteOp::Revoke { key, by, reply }).await
+    async fn update(
+        &self,
+        key: &ApiKey,
+        update: &Update,
+        origin: &Origin,
+    ) -> Result<Updated, StoreError> {
+        let (key, update) = (key.clone(), Box::new(update.clone()));
+        let origin = Box::new(origin.clone());
+        self.write(|reply| WriteOp::Update {
+            key,
+            update,
+            origin,
+            reply,
+        })
+        .await
+    }
+
+    async fn revoke(&self, key: &ApiKey, origin: &Origin) -> Result<Revocation, StoreError> {
+        let (key, origin) = (key.clone(), Box::new(origin.clone()));
+        self.write(|reply| WriteOp::Revoke { key, origin, reply })
+            .await
+    }
+
+    async fn events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
+        let events = sqlx::query_as::<_, Event>(
+            "SELECT id, at, api_key, event, actor, source, detail FROM api_credential_event \
+             WHERE id > ?1 AND (?2 IS NULL OR api_key = ?2) ORDER BY id LIMIT ?3",
+        )
+        .bind(query.after.unwrap_or(0))
+        .bind(query.api_key.as_ref().map(ApiKey::as_str))
+        .bind(i64::from(query.limit));
+        Ok(timed(&self.metrics, "events", events.fetch_all(&self.reads)).await?)
+    }
+
+    async fn prune_events(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        // On a connection of its own: a maintenance command, not a credential write.
+        let mut conn = SqliteConnection::connect_with(&self.connect).await?;
+        let done = sqlx::query("DELETE FROM api_credential_event WHERE at < ?")
+            .bind(format_time(&before))
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        Ok(done?.rows_affected())
     }
 
     async fn lookup(&self, key: &ApiKey) -> Result<Option<AuthRecord>, StoreError> {
