@@ -237,6 +237,83 @@ impl Ledger {
                 "an acknowledged rename was lost"
             );
         }
+        self.check_audit(server).await;
+    }
+
+    /// Every acknowledged change has its event, and no event tells of a change that was not
+    /// made: the registered keys with an event are exactly the stored keys.
+    async fn check_audit(&self, server: &ServerProcess) {
+        let admin = &self.registered[0];
+        let events = all_pages(server, "/audit", "events", admin).await;
+        let has = |kinds: &[&str], key: &str| {
+            events
+                .iter()
+                .any(|e| e["api_key"] == key && kinds.iter().any(|k| e["event"] == *k))
+        };
+        for pair in &self.registered {
+            assert!(
+                has(&["registered", "issued"], &pair.key),
+                "an acknowledged registration has no event: {}",
+                pair.key
+            );
+        }
+        for pair in &self.revoked {
+            assert!(
+                has(&["revoked", "rolled"], &pair.key),
+                "an acknowledged revocation or roll has no event: {}",
+                pair.key
+            );
+        }
+        for (pair, name) in &self.renamed {
+            assert!(
+                events.iter().any(|e| e["api_key"] == pair.key.as_str()
+                    && e["event"] == "updated"
+                    && e["detail"]["changed"]["name"] == name.as_str()),
+                "an acknowledged rename has no event: {}",
+                pair.key
+            );
+        }
+        let mut with_event: Vec<&str> = events
+            .iter()
+            .filter(|e| e["event"] == "registered" || e["event"] == "issued")
+            .map(|e| e["api_key"].as_str().expect("api_key"))
+            .collect();
+        let credentials = all_pages(server, "/credentials", "credentials", admin).await;
+        let mut stored: Vec<&str> = credentials
+            .iter()
+            .map(|c| c["api_key"].as_str().expect("api_key"))
+            .collect();
+        with_event.sort_unstable();
+        stored.sort_unstable();
+        assert_eq!(
+            with_event, stored,
+            "registration events and credentials differ"
+        );
+    }
+}
+
+/// Every item of a paged collection (`GET path?limit=1000&after=…`).
+async fn all_pages(
+    server: &ServerProcess,
+    path: &str,
+    field: &str,
+    by: &Pair,
+) -> Vec<serde_json::Value> {
+    let mut items = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let query = match &after {
+            Some(after) => format!("{path}?limit=1000&after={after}"),
+            None => format!("{path}?limit=1000"),
+        };
+        let resp = server.send(reqwest::Method::GET, &query, Some(by)).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{query}");
+        let page: serde_json::Value = resp.json().await.expect("json");
+        items.extend(page[field].as_array().expect("items").iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return items,
+        }
     }
 }
 
@@ -598,5 +675,27 @@ async fn postgres_restarting_mid_burst_loses_no_acknowledged_write() {
         keys.len(),
         "acknowledged registrations lost"
     );
+    // Each with its event, and no event without its credential.
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT COUNT(DISTINCT api_key) FROM api_credential_event \
+         WHERE event = 'registered' AND source = 'api' AND api_key = ANY($1)",
+    )
+    .bind(&keys)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        logged as usize,
+        keys.len(),
+        "acknowledged registrations without their event"
+    );
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM api_credential_event e \
+         WHERE NOT EXISTS (SELECT 1 FROM api_credential c WHERE c.api_key = e.api_key)",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(orphans, 0, "events of registrations that were not made");
     assert_eq!(app.ready().await, StatusCode::OK);
 }

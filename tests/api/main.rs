@@ -45,6 +45,7 @@ macro_rules! contract_tests {
 }
 
 mod api;
+mod audit;
 mod cache_and_storage;
 mod lifecycle;
 mod privileges;

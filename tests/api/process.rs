@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::client::metric_value;
+use crate::helpers::client::{Client, metric_value};
 use crate::helpers::credentials::{MASTER_HEX, Pair, deriver, forged, mint};
 use crate::helpers::pg;
 use crate::helpers::raw_http::{RawConnection, RawOutcome};
@@ -59,6 +59,18 @@ fn issue(data_dir: &Path, count: usize) -> Vec<Pair> {
 /// `credgate list --database-url URL <extra>`, parsed.
 fn list(url: &str, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["list", "--database-url", url];
+    args.extend_from_slice(extra);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// `credgate audit --database-url URL <extra>`, parsed.
+fn audit(url: &str, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec!["audit", "--database-url", url];
     args.extend_from_slice(extra);
     let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -148,6 +160,28 @@ async fn acknowledged_writes_survive_sigkill() {
         );
         assert_eq!(server.register(pair).await.status(), StatusCode::CONFLICT);
     }
+    // Every acknowledged change has its event: 40 registrations, then 10 revocations.
+    let events = Client::events(&server, "limit=1000", admin).await;
+    let mut expected: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|p| ("registered", p.key.as_str()))
+        .collect();
+    expected.sort_unstable();
+    let mut logged: Vec<(&str, &str)> = events[..40]
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap(), e["api_key"].as_str().unwrap()))
+        .collect();
+    logged.sort_unstable();
+    assert_eq!(logged, expected);
+    let revocations: Vec<(&str, &str)> = events[40..]
+        .iter()
+        .map(|e| (e["event"].as_str().unwrap(), e["api_key"].as_str().unwrap()))
+        .collect();
+    let expected: Vec<(&str, &str)> = pairs[30..]
+        .iter()
+        .map(|p| ("revoked", p.key.as_str()))
+        .collect();
+    assert_eq!(revocations, expected);
     let mode = std::fs::metadata(data.join("master.key"))
         .unwrap()
         .permissions()
@@ -484,6 +518,87 @@ async fn serve_and_the_direct_commands_work_on_postgres() {
     assert_eq!(revoked[0]["api_key"], b.key.as_str());
     assert_eq!(revoked[0]["revoked_by"], Value::Null);
     assert!(revoked[0]["revoked_at"].is_string());
+    let events = audit(&url, &["--api-key", &b.key]);
+    let kinds: Vec<(&Value, &Value)> = events.iter().map(|e| (&e["event"], &e["source"])).collect();
+    assert_eq!(
+        kinds,
+        [
+            (&json!("registered"), &json!("api")),
+            (&json!("revoked"), &json!("cli"))
+        ]
+    );
+}
+
+#[tokio::test]
+async fn audit_prints_and_prunes_the_log_from_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("audit.db").display());
+    let server = serve_on(&url, dir.path());
+    let (a, b) = (server.registered().await, server.registered().await);
+    let out = run(&[
+        "revoke",
+        &b.key,
+        "--reason",
+        "rotated",
+        "--database-url",
+        &url,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The same events as the API serves, as JSON lines.
+    let events = audit(&url, &[]);
+    assert_eq!(
+        Value::from(events.clone()),
+        json!(Client::events(&server, "", &a).await)
+    );
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[2]["api_key"], b.key.as_str());
+    assert_eq!(events[2]["event"], "revoked");
+    assert_eq!(events[2]["source"], "cli");
+    assert_eq!(events[2]["actor"], Value::Null);
+    assert_eq!(events[2]["detail"], json!({ "reason": "rotated" }));
+    assert_eq!(audit(&url, &["--api-key", &b.key]).len(), 2);
+    assert_eq!(audit(&url, &["--limit", "1"]), events[..1]);
+    let first = events[0]["id"].to_string();
+    assert_eq!(audit(&url, &["--after", &first]), events[1..]);
+
+    // Pruning: never into the future, only with a valid time; then only later events stay,
+    // and ids are never reused.
+    for (before, says) in [
+        ("2999-01-01T00:00:00Z", "in the future"),
+        ("yesterday", "RFC 3339"),
+    ] {
+        let out = run(&["audit", "prune", "--before", before, "--database-url", &url]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
+    assert_eq!(audit(&url, &[]).len(), 3);
+    let out = run(&[
+        "audit",
+        "prune",
+        "--before",
+        "2000-01-01T00:00:00Z",
+        "--database-url",
+        &url,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()["pruned"],
+        0
+    );
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let out = run(&["audit", "prune", "--before", &now, "--database-url", &url]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout(&out)).unwrap()["pruned"],
+        3
+    );
+    assert!(audit(&url, &[]).is_empty());
+    let c = server.registered().await;
+    let after_prune = audit(&url, &[]);
+    assert_eq!(after_prune.len(), 1);
+    assert_eq!(after_prune[0]["api_key"], c.key.as_str());
+    assert!(after_prune[0]["id"].as_i64() > events[2]["id"].as_i64());
 }
 
 /// One client holding many keep-alive connections to a server whose descriptor limit is far
@@ -1096,6 +1211,21 @@ async fn scan_reports_leaked_pairs_and_revokes_them() {
     let out = scan(&["--revoke", repo], None);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(found(&out)[1]["revoked"], true);
+    let url = format!("sqlite://{data}/credgate.db");
+    let events = audit(&url, &["--api-key", &active.key]);
+    let last = events.last().unwrap();
+    assert_eq!(
+        (&last["event"], &last["source"]),
+        (&json!("revoked"), &json!("cli"))
+    );
+    assert_eq!(last["detail"]["reason"], "leaked");
+    assert!(
+        last["detail"]["found_in"]
+            .as_str()
+            .unwrap()
+            .ends_with("src/config.env:2"),
+        "{last}"
+    );
     let out = scan(&[repo], None);
     assert_eq!(out.status.code(), Some(0));
     assert!(found(&out).iter().all(|r| r["state"] == "revoked"));

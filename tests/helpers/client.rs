@@ -102,6 +102,16 @@ impl Client {
         pair
     }
 
+    /// GET /audit?{query} as `by`, asserting 200: the page's events, oldest first.
+    pub async fn events(&self, query: &str, by: &Pair) -> Vec<Value> {
+        let resp = self
+            .send(Method::GET, &format!("/audit?{query}"), Some(by))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK, "GET /audit?{query}");
+        let body: Value = resp.json().await.expect("json");
+        body["events"].as_array().expect("events").clone()
+    }
+
     /// DELETE /credentials/{target} as `by`.
     pub async fn revoke(&self, target: &str, by: &Pair) -> reqwest::Response {
         self.send(Method::DELETE, &format!("/credentials/{target}"), Some(by))
