@@ -5,6 +5,7 @@
 //! after that commit. Reads use a small pool. A watcher polls `PRAGMA data_version` and, when
 //! another connection committed, reads the `api_credential_change` log to drop changed keys.
 
+use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -592,10 +593,22 @@ async fn apply_within(
     events: &mut Vec<NewEvent>,
     marker: &mut Marker,
 ) -> Result<(), sqlx::Error> {
+    // The batch's registrations first, in a few statements for all of them: they were all
+    // in flight together, so any order among the batch's writes is one they could have had.
+    let news: Vec<&NewCredential> = ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Register { new, .. } => Some(&**new),
+            _ => None,
+        })
+        .collect();
+    let mut registrations = register_all(conn, &news, marker).await?.into_iter();
     for op in ops {
         let outcome = match op {
             WriteOp::Register { new, origin, .. } => {
-                let created = register(conn, new, marker).await?;
+                let created = registrations
+                    .next()
+                    .ok_or_else(|| sqlx::Error::Protocol("registration outcome missing".into()))?;
                 if created == Registration::Created {
                     events.push(origin.registered(new));
                 }
@@ -702,31 +715,84 @@ async fn record(
     Ok(())
 }
 
-async fn register(
+/// A row to register, as `register_all` passes it to SQLite (one JSON array for a batch).
+#[derive(serde::Serialize)]
+struct NewRow<'a> {
+    api_key: &'a str,
+    name: Option<&'a str>,
+    owner: Option<&'a str>,
+    meta: &'a serde_json::Map<String, serde_json::Value>,
+    scopes: String,
+    expires_at: Option<String>,
+    master_key_id: Option<&'a str>,
+}
+
+/// Registers a batch's credentials, in order: the first of several registrations of one key
+/// wins. Three statements whatever the batch's size (each statement costs a round trip to
+/// SQLite's thread). Stored keys are found first, so a batch of duplicates writes nothing
+/// and is answered even while the disk is full.
+async fn register_all(
     conn: &mut SqliteConnection,
-    new: &NewCredential,
+    news: &[&NewCredential],
     marker: &mut Marker,
-) -> Result<Registration, sqlx::Error> {
-    if active(conn, &new.api_key).await?.is_some() {
-        return Ok(Registration::Duplicate);
+) -> Result<Vec<Registration>, sqlx::Error> {
+    if news.is_empty() {
+        return Ok(Vec::new());
     }
-    marker.set(conn).await?;
-    let meta = serde_json::Value::Object(new.meta.clone()).to_string();
-    let done = sqlx::query(
-        "INSERT INTO api_credential \
-         (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (api_key) DO NOTHING",
+    let keys: Vec<&str> = news.iter().map(|n| n.api_key.as_str()).collect();
+    let keys = serde_json::to_string(&keys).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT api_key FROM api_credential WHERE api_key IN (SELECT value FROM json_each(?))",
     )
-    .bind(new.api_key.as_str())
-    .bind(new.name.as_deref())
-    .bind(new.owner.as_deref())
-    .bind(meta)
-    .bind(new.scopes.to_stored())
-    .bind(new.expires_at.as_ref().map(format_time))
-    .bind(new.master_key_id.as_deref())
-    .execute(&mut *conn)
+    .bind(keys)
+    .fetch_all(&mut *conn)
     .await?;
-    Ok(Registration::from_rows(done.rows_affected()))
+    let mut taken: HashSet<&str> = stored.iter().map(String::as_str).collect();
+    let rows: Vec<NewRow<'_>> = news
+        .iter()
+        .filter(|new| taken.insert(new.api_key.as_str()))
+        .map(|new| NewRow {
+            api_key: new.api_key.as_str(),
+            name: new.name.as_deref(),
+            owner: new.owner.as_deref(),
+            meta: &new.meta,
+            scopes: new.scopes.to_stored(),
+            expires_at: new.expires_at.as_ref().map(format_time),
+            master_key_id: new.master_key_id.as_deref(),
+        })
+        .collect();
+    let mut inserted: HashSet<String> = HashSet::new();
+    if !rows.is_empty() {
+        marker.set(conn).await?;
+        let rows = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        // `WHERE true`: SQLite's way to tell an upsert's ON from a join's.
+        inserted = sqlx::query_scalar(
+            "INSERT INTO api_credential \
+             (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+             SELECT r.value ->> 'api_key', r.value ->> 'name', r.value ->> 'owner', \
+                    r.value -> 'meta', r.value ->> 'scopes', r.value ->> 'expires_at', \
+                    r.value ->> 'master_key_id' \
+             FROM json_each(?) AS r WHERE true ORDER BY r.key \
+             ON CONFLICT (api_key) DO NOTHING RETURNING api_key",
+        )
+        .bind(rows)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .collect();
+    }
+    // Created only for a key this batch stored (an operator's trigger could skip a row),
+    // and only for the first registration of it.
+    Ok(news
+        .iter()
+        .map(|new| {
+            if inserted.remove(new.api_key.as_str()) {
+                Registration::Created
+            } else {
+                Registration::Duplicate
+            }
+        })
+        .collect())
 }
 
 /// Changes the given attributes of an active credential.

@@ -56,9 +56,9 @@ fn issue(data_dir: &Path, count: usize) -> Vec<Pair> {
         .collect()
 }
 
-/// `credgate list --database-url URL <extra>`, parsed.
-fn list(url: &str, extra: &[&str]) -> Vec<Value> {
-    let mut args = vec!["list", "--database-url", url];
+/// `credgate COMMAND --database-url URL <extra>`, its JSON lines parsed.
+fn json_lines(command: &str, url: &str, extra: &[&str]) -> Vec<Value> {
+    let mut args = vec![command, "--database-url", url];
     args.extend_from_slice(extra);
     let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -68,16 +68,14 @@ fn list(url: &str, extra: &[&str]) -> Vec<Value> {
         .collect()
 }
 
+/// `credgate list --database-url URL <extra>`, parsed.
+fn list(url: &str, extra: &[&str]) -> Vec<Value> {
+    json_lines("list", url, extra)
+}
+
 /// `credgate audit --database-url URL <extra>`, parsed.
 fn audit(url: &str, extra: &[&str]) -> Vec<Value> {
-    let mut args = vec!["audit", "--database-url", url];
-    args.extend_from_slice(extra);
-    let out = run(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
-    stdout(&out)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect()
+    json_lines("audit", url, extra)
 }
 
 /// Revokes `pair` with `credgate revoke` (another process, straight in the database) and
