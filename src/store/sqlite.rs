@@ -956,13 +956,28 @@ impl CredentialStore for SqliteStore {
     }
 
     async fn events(&self, query: &EventQuery) -> Result<Vec<Event>, StoreError> {
-        let events = sqlx::query_as::<_, Event>(
+        // One credential's events: its registrations through `registered_event` (see the
+        // migration `0004_audit.sql`), every other event through the partial index.
+        let sql = if query.api_key.is_some() {
             "SELECT id, at, api_key, event, actor, source, detail FROM api_credential_event \
-             WHERE id > ?1 AND (?2 IS NULL OR api_key = ?2) ORDER BY id LIMIT ?3",
-        )
-        .bind(query.after.unwrap_or(0))
-        .bind(query.api_key.as_ref().map(ApiKey::as_str))
-        .bind(i64::from(query.limit));
+             WHERE id > ?1 AND api_key = ?2 AND event NOT IN ('registered', 'issued') \
+             UNION ALL \
+             SELECT id, at, api_key, event, actor, source, detail FROM api_credential_event \
+             WHERE id > ?1 AND api_key = ?2 AND id IN ( \
+                 SELECT registered_event FROM api_credential WHERE api_key = ?2 \
+                 UNION \
+                 SELECT detail ->> 'registered_event' FROM api_credential_event \
+                 WHERE api_key = ?2 AND event = 'deleted' \
+                   AND event NOT IN ('registered', 'issued')) \
+             ORDER BY id LIMIT ?3"
+        } else {
+            "SELECT id, at, api_key, event, actor, source, detail FROM api_credential_event \
+             WHERE id > ?1 AND ?2 IS NULL ORDER BY id LIMIT ?3"
+        };
+        let events = sqlx::query_as::<_, Event>(sql)
+            .bind(query.after.unwrap_or(0))
+            .bind(query.api_key.as_ref().map(ApiKey::as_str))
+            .bind(i64::from(query.limit));
         Ok(timed(&self.metrics, "events", events.fetch_all(&self.reads)).await?)
     }
 

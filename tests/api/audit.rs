@@ -234,6 +234,16 @@ async fn changes_made_by_sql_are_recorded_and_events_cannot_be_changed(backend: 
         sql[1]["detail"],
         json!({ "changed": { "scopes": ["orders:read"], "owner": "acme" } })
     );
+    // A credential's history, its row deleted or not.
+    for key in [&inserted.key, &b.key] {
+        let own: Vec<Value> = events
+            .iter()
+            .filter(|e| e["api_key"] == key.as_str())
+            .cloned()
+            .collect();
+        assert_eq!(app.events(&format!("api_key={key}"), &admin).await, own);
+        assert_eq!(own[0]["event"], "registered");
+    }
     // The revocation made by SQL is also refused by the service.
     assert_eq!(app.verify(&c).await, StatusCode::UNAUTHORIZED);
 
@@ -294,6 +304,11 @@ async fn the_audit_log_pages_filters_and_needs_its_scope(backend: Backend) {
             .await
             .is_empty()
     );
+    let first = of_key[0]["id"].to_string();
+    let later = app
+        .events(&format!("api_key={}&after={first}", keys[2]), &admin)
+        .await;
+    assert_eq!(later, of_key[1..]);
     let last = of_key[1]["id"].to_string();
     assert!(
         app.events(&format!("after={last}"), &admin)

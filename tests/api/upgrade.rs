@@ -167,4 +167,14 @@ async fn a_database_of_the_previous_schema_is_upgraded_in_place(backend: Backend
         dropped,
         "a revocation by SQL did not reach the cache within 1 s"
     );
+    // The audit log starts at the upgrade: the old credential's revocation is its first event.
+    let events = app.events(&format!("api_key={}", active.key), &new).await;
+    let kinds: Vec<(&Value, &Value)> = events.iter().map(|e| (&e["event"], &e["source"])).collect();
+    assert_eq!(kinds, [(&json!("revoked"), &json!("sql"))]);
+    assert_eq!(
+        app.events(&format!("api_key={}", new.key), &new)
+            .await
+            .len(),
+        1
+    );
 }
