@@ -26,7 +26,7 @@ use super::{
     Update, Updated, credential_columns, select_credential, timed,
 };
 use crate::attributes::format_time;
-use crate::audit::{Event, EventQuery, NewEvent, Origin};
+use crate::audit::{Event, EventQuery, Origin};
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 use chrono::{DateTime, Utc};
@@ -63,7 +63,10 @@ impl Default for SqliteOptions {
 enum WriteOp {
     Register {
         new: Box<NewCredential>,
-        origin: Box<Origin>,
+        /// The row and its audit event as JSON, made by the caller: the writer is one task
+        /// for every write, so what can be done before it is done before it.
+        row: String,
+        event: String,
         reply: oneshot::Sender<Result<Registration, StoreError>>,
     },
     Update {
@@ -590,27 +593,27 @@ async fn apply_within(
     conn: &mut SqliteConnection,
     ops: &[WriteOp],
     outcomes: &mut Vec<Outcome>,
-    events: &mut Vec<NewEvent>,
+    events: &mut Vec<String>,
     marker: &mut Marker,
 ) -> Result<(), sqlx::Error> {
     // The batch's registrations first, in a few statements for all of them: they were all
     // in flight together, so any order among the batch's writes is one they could have had.
-    let news: Vec<&NewCredential> = ops
+    let news: Vec<(&ApiKey, &str)> = ops
         .iter()
         .filter_map(|op| match op {
-            WriteOp::Register { new, .. } => Some(&**new),
+            WriteOp::Register { new, row, .. } => Some((&new.api_key, row.as_str())),
             _ => None,
         })
         .collect();
     let mut registrations = register_all(conn, &news, marker).await?.into_iter();
     for op in ops {
         let outcome = match op {
-            WriteOp::Register { new, origin, .. } => {
+            WriteOp::Register { event, .. } => {
                 let created = registrations
                     .next()
                     .ok_or_else(|| sqlx::Error::Protocol("registration outcome missing".into()))?;
                 if created == Registration::Created {
-                    events.push(origin.registered(new));
+                    events.push(event.clone());
                 }
                 Outcome::Registration(created)
             }
@@ -622,17 +625,19 @@ async fn apply_within(
             } => {
                 let updated = self::update(conn, key, update, marker).await?;
                 if matches!(updated, Updated::Changed(_)) {
-                    events.push(origin.updated(key, update));
+                    events.push(json(&origin.updated(key, update))?);
                 }
                 Outcome::Update(updated)
             }
             WriteOp::Roll { roll, .. } => {
                 let rolled = self::roll(conn, roll, marker).await?;
                 if let Rolled::Rolled(record) = &rolled {
-                    events.extend(
-                        roll.origin
-                            .rolled(&roll.old, &roll.new, record, roll.old_until),
-                    );
+                    for event in roll
+                        .origin
+                        .rolled(&roll.old, &roll.new, record, roll.old_until)
+                    {
+                        events.push(json(&event)?);
+                    }
                 }
                 Outcome::Roll(rolled)
             }
@@ -670,7 +675,7 @@ async fn apply_within(
                 .await?;
                 let revoked = Revocation::from_rows(done.rows_affected());
                 if revoked == Revocation::Revoked {
-                    events.push(origin.revoked(key));
+                    events.push(json(&origin.revoked(key))?);
                 }
                 Outcome::Revocation(revoked)
             }
@@ -692,11 +697,11 @@ async fn apply_within(
 /// batch's transaction, just before its `COMMIT`.
 async fn record(
     conn: &mut SqliteConnection,
-    events: &[NewEvent],
+    events: &[String],
     marker: Marker,
 ) -> Result<(), sqlx::Error> {
     if !events.is_empty() {
-        let events = serde_json::to_string(events).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let events = format!("[{}]", events.join(","));
         sqlx::query(
             "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
              SELECT e.value ->> 'api_key', e.value ->> 'event', e.value ->> 'actor', \
@@ -713,6 +718,11 @@ async fn record(
             .await?;
     }
     Ok(())
+}
+
+/// A value as JSON text, for SQLite's `json_each`.
+fn json(value: &impl serde::Serialize) -> Result<String, sqlx::Error> {
+    serde_json::to_string(value).map_err(|e| sqlx::Error::Encode(Box::new(e)))
 }
 
 /// A row to register, as `register_all` passes it to SQLite (one JSON array for a batch).
@@ -733,13 +743,13 @@ struct NewRow<'a> {
 /// and is answered even while the disk is full.
 async fn register_all(
     conn: &mut SqliteConnection,
-    news: &[&NewCredential],
+    news: &[(&ApiKey, &str)],
     marker: &mut Marker,
 ) -> Result<Vec<Registration>, sqlx::Error> {
     if news.is_empty() {
         return Ok(Vec::new());
     }
-    let keys: Vec<&str> = news.iter().map(|n| n.api_key.as_str()).collect();
+    let keys: Vec<&str> = news.iter().map(|(key, _)| key.as_str()).collect();
     let keys = serde_json::to_string(&keys).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let stored: Vec<String> = sqlx::query_scalar(
         "SELECT api_key FROM api_credential WHERE api_key IN (SELECT value FROM json_each(?))",
@@ -748,23 +758,15 @@ async fn register_all(
     .fetch_all(&mut *conn)
     .await?;
     let mut taken: HashSet<&str> = stored.iter().map(String::as_str).collect();
-    let rows: Vec<NewRow<'_>> = news
+    let rows: Vec<&str> = news
         .iter()
-        .filter(|new| taken.insert(new.api_key.as_str()))
-        .map(|new| NewRow {
-            api_key: new.api_key.as_str(),
-            name: new.name.as_deref(),
-            owner: new.owner.as_deref(),
-            meta: &new.meta,
-            scopes: new.scopes.to_stored(),
-            expires_at: new.expires_at.as_ref().map(format_time),
-            master_key_id: new.master_key_id.as_deref(),
-        })
+        .filter(|(key, _)| taken.insert(key.as_str()))
+        .map(|(_, row)| *row)
         .collect();
     let mut inserted: HashSet<String> = HashSet::new();
     if !rows.is_empty() {
         marker.set(conn).await?;
-        let rows = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let rows = format!("[{}]", rows.join(","));
         // `WHERE true`: SQLite's way to tell an upsert's ON from a join's.
         inserted = sqlx::query_scalar(
             "INSERT INTO api_credential \
@@ -785,8 +787,8 @@ async fn register_all(
     // and only for the first registration of it.
     Ok(news
         .iter()
-        .map(|new| {
-            if inserted.remove(new.api_key.as_str()) {
+        .map(|(key, _)| {
+            if inserted.remove(key.as_str()) {
                 Registration::Created
             } else {
                 Registration::Duplicate
@@ -927,9 +929,24 @@ impl CredentialStore for SqliteStore {
         new: &NewCredential,
         origin: &Origin,
     ) -> Result<Registration, StoreError> {
-        let (new, origin) = (Box::new(new.clone()), Box::new(origin.clone()));
-        self.write(|reply| WriteOp::Register { new, origin, reply })
-            .await
+        let row = json(&NewRow {
+            api_key: new.api_key.as_str(),
+            name: new.name.as_deref(),
+            owner: new.owner.as_deref(),
+            meta: &new.meta,
+            scopes: new.scopes.to_stored(),
+            expires_at: new.expires_at.as_ref().map(format_time),
+            master_key_id: new.master_key_id.as_deref(),
+        })?;
+        let event = json(&origin.registered(new))?;
+        let new = Box::new(new.clone());
+        self.write(|reply| WriteOp::Register {
+            new,
+            row,
+            event,
+            reply,
+        })
+        .await
     }
 
     async fn update(
