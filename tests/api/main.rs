@@ -47,6 +47,7 @@ macro_rules! contract_tests {
 mod api;
 mod audit;
 mod cache_and_storage;
+mod ecosystem;
 mod lifecycle;
 mod privileges;
 mod process;
