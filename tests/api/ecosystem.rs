@@ -133,3 +133,33 @@ async fn metrics_pass_promtool_and_the_example_alerts_hold() {
         );
     }
 }
+
+/// The example unit passes `systemd-analyze verify` without a warning, with the built binary
+/// in place of the installed one, and keeps its hardening: an overall exposure of at most
+/// 2.0 by `systemd-analyze security` (0 is the most locked down, 10 the least).
+#[test]
+fn the_systemd_unit_verifies_and_stays_hardened() {
+    ensure_tool("systemd-analyze", "systemd");
+    let unit = std::fs::read_to_string(repo("deploy/systemd/credgate.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/bin/credgate serve"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("credgate.service");
+    let unit = unit.replace("/usr/local/bin/credgate", env!("CARGO_BIN_EXE_credgate"));
+    std::fs::write(&path, unit).unwrap();
+    let path = path.to_str().unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", path])
+        .output()
+        .expect("run systemd-analyze");
+    assert!(out.status.success(), "{}", report(&out));
+    assert!(report(&out).trim().is_empty(), "warnings: {}", report(&out));
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=20", path])
+        .output()
+        .expect("run systemd-analyze");
+    assert!(
+        out.status.success(),
+        "exposure above 2.0:\n{}",
+        report(&out)
+    );
+}
