@@ -6,10 +6,12 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use reqwest::{Method, StatusCode};
 
-use crate::helpers::credentials::{MASTER_HEX, forged, mint};
+use crate::helpers::credentials::{MASTER_HEX, Pair, forged, mint};
 use crate::helpers::server_process::ServerProcess;
 
 /// Makes sure `tool` is on PATH, installing Debian's `package` when it is not (as root);
@@ -162,4 +164,195 @@ fn the_systemd_unit_verifies_and_stays_hardened() {
         "exposure above 2.0:\n{}",
         report(&out)
     );
+}
+
+/// The README's nginx configuration, verbatim but for its addresses: the first `nginx` code
+/// block of README.md.
+fn readme_nginx_block() -> String {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    let start = readme
+        .find("```nginx\n")
+        .expect("an nginx block in README.md")
+        + 9;
+    let end = start + readme[start..].find("```").expect("its end");
+    readme[start..end].to_owned()
+}
+
+/// An upstream API that answers every request with the path and headers it received, and
+/// counts the requests that reached it.
+async fn echo_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use axum::http::HeaderMap;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let headers: serde_json::Map<String, serde_json::Value> = headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+                .collect();
+            axum::Json(serde_json::json!({ "path": uri.path(), "headers": headers }))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, hits)
+}
+
+/// A foreground nginx in its own directory, killed when dropped.
+struct Nginx {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Runs `server_block` (one `server { … }` and what it needs, in `http`), listening on
+    /// `listen`, which is inserted as the block's first directive.
+    fn start(server_block: &str, listen: std::net::SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let block =
+            server_block.replacen("server {", &format!("server {{\n    listen {listen};"), 1);
+        let conf = format!(
+            "daemon off;\nmaster_process off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
+             events {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
+             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{block}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let out = Command::new("nginx")
+            .args(["-t", "-p", &d.to_string(), "-c", "nginx.conf"])
+            .output()
+            .expect("nginx -t");
+        assert!(out.status.success(), "nginx -t: {}", report(&out));
+        let child = Command::new("nginx")
+            .args(["-p", &d.to_string(), "-c", "nginx.conf"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let nginx = Self { child, dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nginx did not listen: {}",
+                nginx.errors()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        nginx
+    }
+
+    fn errors(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+/// nginx `auth_request` with the README's configuration: a valid credential reaches the API,
+/// which learns who called and never sees the secret; a `location` requiring a scope
+/// refuses a credential without it; forged, revoked and missing credentials get 401; and
+/// with credgate down the client gets a 5xx and the API is never reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_auth_request_with_the_readme_configuration() {
+    ensure_tool("nginx", "nginx");
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("master.hex");
+    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
+    let credgate = ServerProcess::start(&[
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--master-key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    let (upstream, hits) = echo_upstream().await;
+    let block = readme_nginx_block()
+        .replace(
+            "server 127.0.0.1:8080;",
+            &format!("server {};", credgate.addr),
+        )
+        .replace("http://your-api/", &format!("http://{upstream}/"));
+    let listen = free_port();
+    let nginx = Nginx::start(&block, listen);
+    let client = reqwest::Client::new();
+    let get = |path: &str, pair: Option<&Pair>| {
+        let mut req = client.get(format!("http://{listen}{path}"));
+        if let Some(pair) = pair {
+            req = req
+                .header("X-Api-Key", &pair.key)
+                .header("X-Api-Secret", &pair.secret);
+        }
+        req.send()
+    };
+
+    let admin = credgate.registered().await;
+    let customer = credgate
+        .registered_with(
+            serde_json::json!({ "owner": "acme", "scopes": ["orders:read"] }),
+            Some(&admin),
+        )
+        .await;
+    let resp = get("/api/x?page=2", Some(&customer)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{}", nginx.errors());
+    let seen: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(seen["path"], "/x");
+    assert_eq!(seen["headers"]["x-credential-key"], customer.key.as_str());
+    assert_eq!(seen["headers"]["x-credential-owner"], "acme");
+    assert_eq!(seen["headers"]["x-api-key"], customer.key.as_str());
+    assert!(
+        seen["headers"].get("x-api-secret").is_none(),
+        "the secret reached the API: {seen}"
+    );
+    let reached = hits.load(Ordering::SeqCst);
+
+    // The scope-requiring location: 403 for the customer, through for the administrator.
+    let resp = get("/api/orders/1", Some(&customer)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    assert_eq!(hits.load(Ordering::SeqCst), reached);
+    let resp = get("/api/orders/1", Some(&admin)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(seen["path"], "/orders/1");
+    assert_eq!(seen["headers"]["x-credential-key"], admin.key.as_str());
+    let reached = hits.load(Ordering::SeqCst);
+
+    // Forged, missing, revoked: 401, and the API never sees them.
+    assert_eq!(
+        get("/api/x", Some(&forged())).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get("/api/x", None).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        credgate.revoke(&customer.key, &admin).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        get("/api/x", Some(&customer)).await.unwrap().status(),
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), reached);
+
+    // credgate down: a 5xx for the client, nothing for the API.
+    drop(credgate);
+    let status = get("/api/x", Some(&admin)).await.unwrap().status();
+    assert!(status.is_server_error(), "credgate down answered {status}");
+    assert_eq!(hits.load(Ordering::SeqCst), reached);
 }
