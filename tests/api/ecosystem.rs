@@ -4,10 +4,12 @@
 //! are installed from Debian's packages when the tests run as root.
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 
@@ -166,21 +168,18 @@ fn the_systemd_unit_verifies_and_stays_hardened() {
     );
 }
 
-/// The README's nginx configuration, verbatim but for its addresses: the first `nginx` code
-/// block of README.md.
-fn readme_nginx_block() -> String {
+/// The README's configuration for a proxy, verbatim: its first code block in `lang`.
+fn readme_block(lang: &str) -> String {
     let readme = std::fs::read_to_string(repo("README.md")).unwrap();
-    let start = readme
-        .find("```nginx\n")
-        .expect("an nginx block in README.md")
-        + 9;
+    let fence = format!("```{lang}\n");
+    let start = readme.find(&fence).expect("the block in README.md") + fence.len();
     let end = start + readme[start..].find("```").expect("its end");
     readme[start..end].to_owned()
 }
 
 /// An upstream API that answers every request with the path and headers it received, and
 /// counts the requests that reached it.
-async fn echo_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+async fn echo_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
     use axum::http::HeaderMap;
     let hits = Arc::new(AtomicUsize::new(0));
     let counter = hits.clone();
@@ -201,16 +200,37 @@ async fn echo_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     (addr, hits)
 }
 
-/// A foreground nginx in its own directory, killed when dropped.
-struct Nginx {
+/// A proxy in the foreground with its files in a directory of its own; killed when dropped.
+struct Proxy {
     child: std::process::Child,
     dir: tempfile::TempDir,
 }
 
-impl Nginx {
-    /// Runs `server_block` (one `server { … }` and what it needs, in `http`), listening on
-    /// `listen`, which is inserted as the block's first directive.
-    fn start(server_block: &str, listen: std::net::SocketAddr) -> Self {
+impl Proxy {
+    /// Runs `command` (whose files are in `dir`) and waits until it accepts on `listen`.
+    fn spawn(mut command: Command, dir: tempfile::TempDir, listen: SocketAddr) -> Self {
+        let log = std::fs::File::create(dir.path().join("error.log")).unwrap();
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the proxy");
+        let proxy = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not listen: {}",
+                proxy.errors()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        proxy
+    }
+
+    /// nginx running `server_block` (a `server { … }` and what it needs, in `http`), which
+    /// gets `listen` as its first directive.
+    fn nginx(server_block: &str, listen: SocketAddr) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().display();
         let block =
@@ -222,28 +242,30 @@ impl Nginx {
              uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{block}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let prefix = d.to_string();
         let out = Command::new("nginx")
-            .args(["-t", "-p", &d.to_string(), "-c", "nginx.conf"])
+            .args(["-t", "-p", &prefix, "-c", "nginx.conf"])
             .output()
             .expect("nginx -t");
         assert!(out.status.success(), "nginx -t: {}", report(&out));
-        let child = Command::new("nginx")
-            .args(["-p", &d.to_string(), "-c", "nginx.conf"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let nginx = Self { child, dir };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nginx did not listen: {}",
-                nginx.errors()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        nginx
+        let mut command = Command::new("nginx");
+        command.args(["-p", &prefix, "-c", "nginx.conf"]);
+        Self::spawn(command, dir, listen)
+    }
+
+    /// Caddy running `caddyfile`.
+    fn caddy(caddyfile: &str, listen: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("Caddyfile");
+        std::fs::write(&path, caddyfile).unwrap();
+        let mut command = Command::new("caddy");
+        command
+            .args(["run", "--adapter", "caddyfile", "--config"])
+            .arg(&path)
+            .env("HOME", dir.path())
+            .env("XDG_DATA_HOME", dir.path())
+            .env("XDG_CONFIG_HOME", dir.path());
+        Self::spawn(command, dir, listen)
     }
 
     fn errors(&self) -> String {
@@ -251,44 +273,45 @@ impl Nginx {
     }
 }
 
-impl Drop for Nginx {
+impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn free_port() -> std::net::SocketAddr {
+fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
 }
 
-/// nginx `auth_request` with the README's configuration: a valid credential reaches the API,
-/// which learns who called and never sees the secret; a `location` requiring a scope
-/// refuses a credential without it; forged, revoked and missing credentials get 401; and
-/// with credgate down the client gets a 5xx and the API is never reached.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nginx_auth_request_with_the_readme_configuration() {
-    ensure_tool("nginx", "nginx");
+/// credgate with the test master key, in a directory of its own.
+fn credgate() -> (ServerProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("master.hex");
     std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
-    let credgate = ServerProcess::start(&[
+    let server = ServerProcess::start(&[
         "--data-dir",
         dir.path().to_str().unwrap(),
         "--master-key-file",
         key_file.to_str().unwrap(),
     ]);
-    let (upstream, hits) = echo_upstream().await;
-    let block = readme_nginx_block()
-        .replace(
-            "server 127.0.0.1:8080;",
-            &format!("server {};", credgate.addr),
-        )
-        .replace("http://your-api/", &format!("http://{upstream}/"));
-    let listen = free_port();
-    let nginx = Nginx::start(&block, listen);
+    (server, dir)
+}
+
+/// The README's forward-auth promises, through a proxy at `listen` in front of the echo
+/// upstream: a valid credential reaches the API, which learns who called (and cannot be
+/// lied to about it) and never sees the secret; the location requiring `orders:write`
+/// refuses a credential without it; forged, revoked and missing credentials get 401; with
+/// credgate down the client gets a 5xx. In every refused case the API is never reached.
+async fn forward_auth_holds(
+    proxy: &Proxy,
+    listen: SocketAddr,
+    credgate: ServerProcess,
+    hits: &AtomicUsize,
+    forwards_owner: bool,
+) {
     let client = reqwest::Client::new();
     let get = |path: &str, pair: Option<&Pair>| {
         let mut req = client.get(format!("http://{listen}{path}"));
@@ -297,9 +320,8 @@ async fn nginx_auth_request_with_the_readme_configuration() {
                 .header("X-Api-Key", &pair.key)
                 .header("X-Api-Secret", &pair.secret);
         }
-        req.send()
+        req
     };
-
     let admin = credgate.registered().await;
     let customer = credgate
         .registered_with(
@@ -307,24 +329,44 @@ async fn nginx_auth_request_with_the_readme_configuration() {
             Some(&admin),
         )
         .await;
-    let resp = get("/api/x?page=2", Some(&customer)).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK, "{}", nginx.errors());
+    let resp = get("/api/x?page=2", Some(&customer)).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{}", proxy.errors());
     let seen: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(seen["path"], "/x");
     assert_eq!(seen["headers"]["x-credential-key"], customer.key.as_str());
-    assert_eq!(seen["headers"]["x-credential-owner"], "acme");
-    assert_eq!(seen["headers"]["x-api-key"], customer.key.as_str());
+    if forwards_owner {
+        assert_eq!(seen["headers"]["x-credential-owner"], "acme");
+    } else {
+        assert!(
+            seen["headers"].get("x-credential-owner").is_none(),
+            "{seen}"
+        );
+    }
     assert!(
         seen["headers"].get("x-api-secret").is_none(),
         "the secret reached the API: {seen}"
     );
+    // A client cannot tell the API it is someone else: the administrator has no owner.
+    let resp = get("/api/x", Some(&admin))
+        .header("X-Credential-Owner", "someone-else")
+        .header("X-Credential-Key", &customer.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let seen: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(seen["headers"]["x-credential-key"], admin.key.as_str());
+    assert!(
+        seen["headers"].get("x-credential-owner").is_none(),
+        "a client-sent owner reached the API: {seen}"
+    );
     let reached = hits.load(Ordering::SeqCst);
 
     // The scope-requiring location: 403 for the customer, through for the administrator.
-    let resp = get("/api/orders/1", Some(&customer)).await.unwrap();
+    let resp = get("/api/orders/1", Some(&customer)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     assert_eq!(hits.load(Ordering::SeqCst), reached);
-    let resp = get("/api/orders/1", Some(&admin)).await.unwrap();
+    let resp = get("/api/orders/1", Some(&admin)).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let seen: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(seen["path"], "/orders/1");
@@ -332,12 +374,13 @@ async fn nginx_auth_request_with_the_readme_configuration() {
     let reached = hits.load(Ordering::SeqCst);
 
     // Forged, missing, revoked: 401, and the API never sees them.
+    let status = |resp: reqwest::Result<reqwest::Response>| resp.unwrap().status();
     assert_eq!(
-        get("/api/x", Some(&forged())).await.unwrap().status(),
+        status(get("/api/x", Some(&forged())).send().await),
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        get("/api/x", None).await.unwrap().status(),
+        status(get("/api/x", None).send().await),
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
@@ -345,14 +388,47 @@ async fn nginx_auth_request_with_the_readme_configuration() {
         StatusCode::OK
     );
     assert_eq!(
-        get("/api/x", Some(&customer)).await.unwrap().status(),
+        status(get("/api/x", Some(&customer)).send().await),
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(hits.load(Ordering::SeqCst), reached);
 
     // credgate down: a 5xx for the client, nothing for the API.
     drop(credgate);
-    let status = get("/api/x", Some(&admin)).await.unwrap().status();
-    assert!(status.is_server_error(), "credgate down answered {status}");
+    let down = status(get("/api/x", Some(&admin)).send().await);
+    assert!(down.is_server_error(), "credgate down answered {down}");
     assert_eq!(hits.load(Ordering::SeqCst), reached);
+}
+
+/// nginx `auth_request` with the README's configuration, verbatim but for its addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_auth_request_with_the_readme_configuration() {
+    ensure_tool("nginx", "nginx");
+    let (credgate, _dir) = credgate();
+    let (upstream, hits) = echo_upstream().await;
+    let block = readme_block("nginx")
+        .replace(
+            "server 127.0.0.1:8080;",
+            &format!("server {};", credgate.addr),
+        )
+        .replace("http://your-api/", &format!("http://{upstream}/"));
+    let listen = free_port();
+    let proxy = Proxy::nginx(&block, listen);
+    forward_auth_holds(&proxy, listen, credgate, &hits, true).await;
+}
+
+/// Caddy `forward_auth` with the README's Caddyfile, verbatim but for its addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_forward_auth_with_the_readme_configuration() {
+    ensure_tool("caddy", "caddy");
+    let (credgate, _dir) = credgate();
+    let (upstream, hits) = echo_upstream().await;
+    let listen = free_port();
+    let caddyfile = readme_block("caddyfile")
+        .replace("http://:8000", &format!("http://{listen}"))
+        .replace("127.0.0.1:8080", &credgate.addr.to_string())
+        .replace("your-api:80", &upstream.to_string());
+    let proxy = Proxy::caddy(&caddyfile, listen);
+    // The README copies only the key with Caddy 2.6 (see there why).
+    forward_auth_holds(&proxy, listen, credgate, &hits, false).await;
 }
