@@ -81,15 +81,7 @@ fn report(out: &Output) -> String {
 #[tokio::test]
 async fn metrics_pass_promtool_and_the_example_alerts_hold() {
     ensure_tool("promtool", "prometheus");
-    let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("master.hex");
-    std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
-    let server = ServerProcess::start(&[
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--master-key-file",
-        key_file.to_str().unwrap(),
-    ]);
+    let (server, _dir) = credgate();
     // Traffic that puts a sample in every series: each authentication result the SQLite
     // store can produce, registrations, revocations, reads, a 404.
     let (admin, other) = (server.registered().await, server.registered().await);
