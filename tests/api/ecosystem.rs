@@ -19,6 +19,9 @@ use crate::helpers::server_process::ServerProcess;
 /// Makes sure `tool` is on PATH, installing Debian's `package` when it is not (as root);
 /// otherwise fails, naming the package: a check that is skipped is not a check.
 fn ensure_tool(tool: &str, package: &str) {
+    // One installation at a time: the tests run in parallel, and dpkg takes one at a time.
+    static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _apt = APT.lock().unwrap_or_else(|p| p.into_inner());
     let found = |tool: &str| {
         Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
@@ -37,8 +40,9 @@ fn ensure_tool(tool: &str, package: &str) {
         .args([
             "-c",
             &format!(
-                "apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-                 apt-get install -y -qq --no-install-recommends {package}"
+                "apt-get -o DPkg::Lock::Timeout=120 update -qq && \
+                 DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=120 \
+                 install -y -qq --no-install-recommends {package}"
             ),
         ])
         .status()
