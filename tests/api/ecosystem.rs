@@ -122,15 +122,50 @@ async fn metrics_pass_promtool_and_the_example_alerts_hold() {
     let out = promtool(&["test", "rules", tests.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", report(&out));
 
-    // The rules name only series the service exports: a renamed metric cannot silently
-    // leave an alert that never fires.
+    // The Grafana dashboard's queries are valid PromQL (checked as recording rules, with
+    // Grafana's `$__rate_interval` made a plain range).
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana/credgate-dashboard.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
+    let queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| panel["targets"].as_array().expect("targets").iter())
+        .map(|target| {
+            target["expr"]
+                .as_str()
+                .expect("expr")
+                .replace("$__rate_interval", "5m")
+        })
+        .collect();
+    assert!(queries.len() >= 8);
+    let mut recorded = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, query) in queries.iter().enumerate() {
+        recorded.push_str(&format!(
+            "      - record: credgate:dashboard_{i}\n        expr: {}\n",
+            serde_json::to_string(query).unwrap()
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dashboard.rules.yml");
+    std::fs::write(&path, recorded).unwrap();
+    let out = promtool(&["check", "rules", path.to_str().unwrap()], None);
+    assert!(out.status.success(), "dashboard queries: {}", report(&out));
+
+    // The rules and the dashboard name only series the service exports: a renamed metric
+    // cannot silently leave an alert that never fires or a panel that stays empty.
     let rules = std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap();
     let names = regex::Regex::new(r"credgate_[a-z_]+").unwrap();
-    for name in names.find_iter(&rules).map(|m| m.as_str()) {
-        assert!(
-            metrics.contains(&format!("# TYPE {name} ")),
-            "alerts.yml uses {name}, which /metrics does not export"
-        );
+    for (file, text) in [("alerts.yml", rules), ("the dashboard", queries.join("\n"))] {
+        for name in names.find_iter(&text).map(|m| m.as_str()) {
+            let family = name.strip_suffix("_bucket").unwrap_or(name);
+            assert!(
+                metrics.contains(&format!("# TYPE {family} ")),
+                "{file} uses {name}, which /metrics does not export"
+            );
+        }
     }
 }
 
