@@ -238,7 +238,7 @@ pub struct Event {
     /// Its position in the log; later events have larger ids.
     pub id: i64,
     /// When it was written.
-    #[serde(serialize_with = "rfc3339")]
+    #[serde(serialize_with = "crate::store::rfc3339")]
     pub at: DateTime<Utc>,
     /// The credential it concerns.
     pub api_key: String,
@@ -251,10 +251,6 @@ pub struct Event {
     /// What changed, and the context: client address and request id for the API.
     #[sqlx(json)]
     pub detail: Value,
-}
-
-fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_time(t))
 }
 
 /// A page request for [`crate::store::CredentialStore::events`].

@@ -66,11 +66,8 @@ pub(super) async fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
         }
         let page = store.events(&query).await?;
         for event in &page {
-            if let Err(e) = writeln!(out, "{}", serde_json::to_string(event)?) {
-                if e.kind() == io::ErrorKind::BrokenPipe {
-                    return Ok(ExitCode::SUCCESS);
-                }
-                return Err(e.into());
+            if !super::json_line(&mut out, event)? {
+                return Ok(ExitCode::SUCCESS);
             }
         }
         left = left.map(|n| n - page.len() as u64);

@@ -37,11 +37,8 @@ pub(super) async fn run(args: ListArgs) -> anyhow::Result<ExitCode> {
     loop {
         let page = store.list(&query).await?;
         for record in &page {
-            if let Err(e) = writeln!(out, "{}", serde_json::to_string(record)?) {
-                if e.kind() == io::ErrorKind::BrokenPipe {
-                    return Ok(ExitCode::SUCCESS);
-                }
-                return Err(e.into());
+            if !super::json_line(&mut out, record)? {
+                return Ok(ExitCode::SUCCESS);
             }
         }
         match page.last() {

@@ -144,6 +144,16 @@ impl DatabaseArgs {
     }
 }
 
+/// Writes `value` as one JSON line; `Ok(false)` when the reader went away (`| head`), so
+/// the command can stop quietly.
+fn json_line(out: &mut impl std::io::Write, value: &impl serde::Serialize) -> anyhow::Result<bool> {
+    match writeln!(out, "{}", serde_json::to_string(value)?) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn ensure_exists(path: &Path) -> anyhow::Result<()> {
     std::fs::metadata(path)
         .map(|_| ())

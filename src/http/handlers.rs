@@ -719,13 +719,29 @@ pub(super) async fn list(
 ) -> Result<Json<Value>, ApiError> {
     let ListRequest { limit, mut query } = list_request(params)?;
     query.limit = limit + 1;
-    let page = state.store.list(&query).await?;
-    let more = page.len() > limit as usize;
-    let page: Vec<_> = page.into_iter().take(limit as usize).collect();
-    let next = more
-        .then(|| page.last().map(|r| r.api_key.clone()))
-        .flatten();
+    let found = state.store.list(&query).await?;
+    let (page, next) = page(found, limit, |r| r.api_key.clone());
     Ok(Json(json!({ "credentials": page, "next": next })))
+}
+
+/// A page of at most `limit` items out of `found`, read with one more than `limit` asked
+/// for: the cursor of its last item when there are more, else none.
+fn page<T>(
+    mut found: Vec<T>,
+    limit: u32,
+    cursor: impl Fn(&T) -> String,
+) -> (Vec<T>, Option<String>) {
+    let more = found.len() > limit as usize;
+    found.truncate(limit as usize);
+    let next = if more { found.last().map(cursor) } else { None };
+    (found, next)
+}
+
+/// A query string, parsed; one that cannot be read at all is `400 INVALID_FIELD`.
+fn query<T>(params: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    params
+        .map(|Query(params)| params)
+        .map_err(|_| ApiError::InvalidField("query string is malformed".into()))
 }
 
 #[derive(Debug, Deserialize)]
@@ -741,8 +757,7 @@ pub(super) async fn audit(
     State(state): State<AppState>,
     params: Result<Query<AuditParams>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(params) =
-        params.map_err(|_| ApiError::InvalidField("query string is malformed".into()))?;
+    let params = query(params)?;
     let limit = page_limit(params.limit.as_deref())?;
     let api_key = params
         .api_key
@@ -750,23 +765,22 @@ pub(super) async fn audit(
         .map(ApiKey::parse)
         .transpose()
         .map_err(|_| ApiError::field("api_key", "must be an api_key (ak_…)"))?;
-    let after = params
-        .after
-        .as_deref()
-        .map(|raw| raw.parse::<i64>().ok().filter(|n| *n >= 0))
-        .map(|id| id.ok_or_else(|| ApiError::field("after", "must be a cursor returned as `next`")))
-        .transpose()?;
-    let query = EventQuery {
+    let after = match params.after.as_deref() {
+        None => None,
+        Some(raw) => Some(
+            raw.parse::<i64>()
+                .ok()
+                .filter(|id| *id >= 0)
+                .ok_or_else(|| ApiError::field("after", "must be a cursor returned as `next`"))?,
+        ),
+    };
+    let request = EventQuery {
         api_key,
         after,
         limit: limit + 1,
     };
-    let mut events = state.store.events(&query).await?;
-    let more = events.len() > limit as usize;
-    events.truncate(limit as usize);
-    let next = more
-        .then(|| events.last().map(|e| e.id.to_string()))
-        .flatten();
+    let found = state.store.events(&request).await?;
+    let (events, next) = page(found, limit, |e| e.id.to_string());
     Ok(Json(json!({ "events": events, "next": next })))
 }
 
@@ -794,8 +808,7 @@ struct ListRequest {
 fn list_request(
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<ListRequest, ApiError> {
-    let Query(params) =
-        params.map_err(|_| ApiError::InvalidField("query string is malformed".into()))?;
+    let params = query(params)?;
     let limit = page_limit(params.limit.as_deref())?;
     let after = params
         .after

@@ -131,7 +131,8 @@ impl From<CredentialRow> for CredentialRecord {
     }
 }
 
-fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+/// Serializes a time as the API writes every time (RFC 3339, milliseconds, `Z`).
+pub(crate) fn rfc3339<S: serde::Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time(t))
 }
 

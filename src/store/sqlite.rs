@@ -989,7 +989,7 @@ impl CredentialStore for SqliteStore {
              ORDER BY id LIMIT ?3"
         } else {
             "SELECT id, at, api_key, event, actor, source, detail FROM api_credential_event \
-             WHERE id > ?1 AND ?2 IS NULL ORDER BY id LIMIT ?3"
+             WHERE id > ?1 ORDER BY id LIMIT ?3"
         };
         let events = sqlx::query_as::<_, Event>(sql)
             .bind(query.after.unwrap_or(0))

@@ -6,7 +6,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::helpers::app::{Backend, spawn_app};
-use crate::helpers::client::{assert_error, in_seconds};
+use crate::helpers::client::{assert_error, event_kinds, in_seconds};
 use crate::helpers::credentials::{Pair, mint};
 
 contract_tests!(
@@ -14,19 +14,6 @@ contract_tests!(
     changes_made_by_sql_are_recorded_and_events_cannot_be_changed,
     the_audit_log_pages_filters_and_needs_its_scope,
 );
-
-/// `(event, api_key)` of each event, in order.
-fn kinds(events: &[Value]) -> Vec<(String, String)> {
-    events
-        .iter()
-        .map(|e| {
-            (
-                e["event"].as_str().unwrap().to_owned(),
-                e["api_key"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
 
 /// The pair in a 201 that carries a secret.
 async fn minted(resp: reqwest::Response) -> Pair {
@@ -118,7 +105,7 @@ async fn every_change_made_through_the_api_has_its_event(backend: Backend) {
 
     let events = app.events("", &admin).await;
     assert_eq!(
-        kinds(&events),
+        event_kinds(&events),
         [
             ("registered", &admin.key),
             ("registered", &b.key),
@@ -216,7 +203,7 @@ async fn changes_made_by_sql_are_recorded_and_events_cannot_be_changed(backend: 
     let events = app.events("", &admin).await;
     let sql: Vec<&Value> = events.iter().filter(|e| e["source"] == "sql").collect();
     assert_eq!(
-        kinds(&sql.iter().map(|e| (*e).clone()).collect::<Vec<_>>()),
+        event_kinds(&sql.iter().map(|e| (*e).clone()).collect::<Vec<_>>()),
         [
             ("registered", &inserted.key),
             ("updated", &b.key),
@@ -284,19 +271,19 @@ async fn the_audit_log_pages_filters_and_needs_its_scope(backend: Backend) {
             .await;
         assert_eq!(resp.status(), StatusCode::OK);
         let body: Value = resp.json().await.unwrap();
-        seen.extend(kinds(body["events"].as_array().unwrap()));
+        seen.extend(event_kinds(body["events"].as_array().unwrap()));
         match body["next"].as_str() {
             Some(next) => after = Some(next.to_owned()),
             None => break,
         }
     }
-    assert_eq!(seen, kinds(&app.events("", &admin).await));
+    assert_eq!(seen, event_kinds(&app.events("", &admin).await));
     assert_eq!(seen.len(), 6);
 
     // One credential's events.
     let of_key = app.events(&format!("api_key={}", keys[2]), &admin).await;
     assert_eq!(
-        kinds(&of_key),
+        event_kinds(&of_key),
         [("registered", &keys[2]), ("revoked", &keys[2])].map(|(e, k)| (e.to_owned(), k.clone()))
     );
     assert!(

@@ -20,9 +20,9 @@ contract_tests!(
     last_used_is_written_once_per_interval_off_the_request_path,
 );
 
-/// POST /credentials/issue as `by`, with `body` (none: an empty request body).
-async fn issue(app: &TestApp, body: Option<Value>, by: &Pair) -> reqwest::Response {
-    let req = app.request(Method::POST, "/credentials/issue", Some(by));
+/// POST `path` as `by`, with a JSON `body` (none: an empty request body).
+async fn post(app: &TestApp, path: &str, body: Option<Value>, by: &Pair) -> reqwest::Response {
+    let req = app.request(Method::POST, path, Some(by));
     match body {
         Some(body) => req.json(&body),
         None => req,
@@ -32,16 +32,14 @@ async fn issue(app: &TestApp, body: Option<Value>, by: &Pair) -> reqwest::Respon
     .unwrap()
 }
 
+/// POST /credentials/issue as `by`, with `body` (none: an empty request body).
+async fn issue(app: &TestApp, body: Option<Value>, by: &Pair) -> reqwest::Response {
+    post(app, "/credentials/issue", body, by).await
+}
+
 /// POST /credentials/{key}/roll as `by`, with `body` (none: an empty request body).
 async fn roll(app: &TestApp, key: &str, body: Option<Value>, by: &Pair) -> reqwest::Response {
-    let req = app.request(Method::POST, &format!("/credentials/{key}/roll"), Some(by));
-    match body {
-        Some(body) => req.json(&body),
-        None => req,
-    }
-    .send()
-    .await
-    .unwrap()
+    post(app, &format!("/credentials/{key}/roll"), body, by).await
 }
 
 /// The pair in a 201 that carries a secret, checking it is marked `no-store`.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::helpers::client::{Client, metric_value};
+use crate::helpers::client::{Client, event_kinds, metric_value};
 use crate::helpers::credentials::{MASTER_HEX, Pair, deriver, forged, mint};
 use crate::helpers::pg;
 use crate::helpers::raw_http::{RawConnection, RawOutcome};
@@ -160,26 +160,18 @@ async fn acknowledged_writes_survive_sigkill() {
     }
     // Every acknowledged change has its event: 40 registrations, then 10 revocations.
     let events = Client::events(&server, "limit=1000", admin).await;
-    let mut expected: Vec<(&str, &str)> = pairs
-        .iter()
-        .map(|p| ("registered", p.key.as_str()))
-        .collect();
+    let of = |event: &str, pairs: &[Pair]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|p| (event.to_owned(), p.key.clone()))
+            .collect()
+    };
+    let mut registrations = event_kinds(&events[..40]);
+    registrations.sort_unstable();
+    let mut expected = of("registered", &pairs);
     expected.sort_unstable();
-    let mut logged: Vec<(&str, &str)> = events[..40]
-        .iter()
-        .map(|e| (e["event"].as_str().unwrap(), e["api_key"].as_str().unwrap()))
-        .collect();
-    logged.sort_unstable();
-    assert_eq!(logged, expected);
-    let revocations: Vec<(&str, &str)> = events[40..]
-        .iter()
-        .map(|e| (e["event"].as_str().unwrap(), e["api_key"].as_str().unwrap()))
-        .collect();
-    let expected: Vec<(&str, &str)> = pairs[30..]
-        .iter()
-        .map(|p| ("revoked", p.key.as_str()))
-        .collect();
-    assert_eq!(revocations, expected);
+    assert_eq!(registrations, expected);
+    assert_eq!(event_kinds(&events[40..]), of("revoked", &pairs[30..]));
     let mode = std::fs::metadata(data.join("master.key"))
         .unwrap()
         .permissions()

@@ -157,6 +157,19 @@ pub fn in_seconds(seconds: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// `(event, api_key)` of each audit event, in order.
+pub fn event_kinds(events: &[Value]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            (
+                e["event"].as_str().expect("event").to_owned(),
+                e["api_key"].as_str().expect("api_key").to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// The value of one series in a metrics text (the exact series text before the value).
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
