@@ -200,7 +200,7 @@ pub fn format_time(t: &DateTime<Utc>) -> String {
 }
 
 /// A credential's computed state (SPEC §7.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
     /// Active and not past its expiry.

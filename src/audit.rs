@@ -233,12 +233,13 @@ pub(crate) struct NewEvent {
 }
 
 /// An event as stored. Never holds a secret: none is ever given to the store.
-#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Event {
     /// Its position in the log; later events have larger ids.
     pub id: i64,
     /// When it was written.
     #[serde(serialize_with = "crate::store::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub at: DateTime<Utc>,
     /// The credential it concerns.
     pub api_key: String,
@@ -250,6 +251,7 @@ pub struct Event {
     pub source: String,
     /// What changed, and the context: client address and request id for the API.
     #[sqlx(json)]
+    #[schema(value_type = Object)]
     pub detail: Value,
 }
 

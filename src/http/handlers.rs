@@ -18,18 +18,33 @@ use axum::http::HeaderName;
 use chrono::{DateTime, Utc};
 
 use super::Caller;
+use super::openapi::{
+    CredentialPage, ErrorBody, EventPage, IssueBody, KeyPath, Limit, RegisterBody, Registered,
+    RequestId, Revoked, RollBody, Status, UpdateBody, WithSecret,
+};
 use super::origin::RequestOrigin;
 use super::{ApiError, AppState};
 use crate::attributes::{self, Scopes, State as CredentialState, scope};
 use crate::audit::EventQuery;
 use crate::config::VerifyStatus;
 use crate::credential::{ApiKey, ApiSecret};
-use crate::store::{ListQuery, NewCredential, Registration, Revocation, Rolled, Update, Updated};
+use crate::store::{
+    CredentialRecord, ListQuery, NewCredential, Registration, Revocation, Rolled, Update, Updated,
+};
 
+/// Liveness: answers without touching the database, for load balancers.
+#[utoipa::path(get, path = "/health", tag = "operations",
+    responses((status = 200, description = "The process serves requests", body = Status)))]
 pub(super) async fn health() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// Readiness: `ready` when the database answers.
+#[utoipa::path(get, path = "/ready", tag = "operations",
+    responses(
+        (status = 200, description = "The database answers", body = Status),
+        (status = 503, description = "`NOT_READY`: the database does not answer", body = ErrorBody),
+    ))]
 pub(super) async fn ready(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     match state.store.ping().await {
         Ok(()) => Ok(Json(json!({ "status": "ready" }))),
@@ -40,6 +55,9 @@ pub(super) async fn ready(State(state): State<AppState>) -> Result<Json<Value>, 
     }
 }
 
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Metrics (SPEC §5)", content_type = "text/plain; version=0.0.4; charset=utf-8", body = String)))]
 pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     state.metrics.set_cache_entries(state.auth.cached());
     (
@@ -56,6 +74,19 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
 /// forged pair learns nothing about which keys exist. Open to anyone unless
 /// `--open-registration false`; `owner`, `meta` and `scopes` need `credentials:write`, and
 /// nobody grants a scope they lack (SPEC §7.3).
+#[utoipa::path(post, path = "/credentials", tag = "credentials",
+    summary = "Register a credential pair minted with the master key",
+    params(RequestId),
+    request_body(content = RegisterBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Registered", body = Registered),
+        (status = 400, description = "`INVALID_FIELD`: the body or a field is malformed; the message names the field", body = ErrorBody),
+        (status = 401, description = "`UNAUTHORIZED`: credential headers were sent and are not valid, or registration is closed and none were sent", body = ErrorBody),
+        (status = 403, description = "`INVALID_CREDENTIAL`: `api_secret` is not the derivation of `api_key`; or `INSUFFICIENT_SCOPE`: an attribute or a scope the caller may not grant", body = ErrorBody),
+        (status = 409, description = "`DUPLICATE_API_KEY`: the key is registered already, active or revoked", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
+        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: the body is not declared as JSON", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all)]
 pub(super) async fn register(
     State(state): State<AppState>,
@@ -118,6 +149,18 @@ pub(super) async fn register(
 
 /// `PATCH /credentials/{api_key}` (`credentials:write`): each given field replaces the stored
 /// one; a change of scopes, expiry or owner reaches every cache like a revocation.
+#[utoipa::path(patch, path = "/credentials/{api_key}", tag = "credentials",
+    summary = "Change a credential's attributes",
+    params(KeyPath, RequestId),
+    request_body(content = UpdateBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The credential as changed", body = CredentialRecord),
+        (status = 400, description = "`INVALID_FIELD`: the body or a field is malformed; the message names the field", body = ErrorBody),
+        (status = 404, description = "`CREDENTIAL_NOT_FOUND`: no such credential", body = ErrorBody),
+        (status = 409, description = "`CREDENTIAL_REVOKED`: a revoked credential cannot change", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
+        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: the body is not declared as JSON", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn update(
     State(state): State<AppState>,
@@ -160,6 +203,17 @@ pub(super) async fn update(
 /// `POST /credentials/issue` (`credentials:write`): mints a pair with the master key, like
 /// `credgate issue`, and registers it. Its scopes default to none; the caller grants only what
 /// it holds. The one response besides a roll's that carries a secret.
+#[utoipa::path(post, path = "/credentials/issue", tag = "credentials",
+    summary = "Mint and register a new credential; its secret is shown this once",
+    params(RequestId),
+    request_body(content = Option<IssueBody>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The credential and its secret", body = WithSecret,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "`INVALID_FIELD`: the body or a field is malformed; the message names the field", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
+        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: a body not declared as JSON", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn issue(
     State(state): State<AppState>,
@@ -214,6 +268,19 @@ const DEFAULT_GRACE_SECONDS: i64 = 86_400;
 
 /// `POST /credentials/{api_key}/roll` (`credentials:write`, or the credential itself): a new
 /// pair with the same attributes; the old one works for `grace_seconds` more at most.
+#[utoipa::path(post, path = "/credentials/{api_key}/roll", tag = "credentials",
+    summary = "Replace a credential by a new pair; the old one works for a grace period",
+    params(KeyPath, RequestId),
+    request_body(content = Option<RollBody>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The new credential, its secret, and the key it replaces", body = WithSecret,
+            headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "`INVALID_FIELD`: the body or `grace_seconds` is malformed", body = ErrorBody),
+        (status = 404, description = "`CREDENTIAL_NOT_FOUND`: no such credential", body = ErrorBody),
+        (status = 409, description = "`CREDENTIAL_REVOKED` or `CREDENTIAL_EXPIRED`", body = ErrorBody),
+        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
+        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: a body not declared as JSON", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn roll(
     State(state): State<AppState>,
@@ -233,8 +300,15 @@ pub(super) async fn roll(
     }
     let grace = match fields.get("grace_seconds") {
         None => DEFAULT_GRACE_SECONDS,
+        // `60.0` is the number 60, as JSON Schema's `integer` says.
         Some(value) => value
             .as_i64()
+            .or_else(|| {
+                value
+                    .as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() <= MAX_GRACE_SECONDS as f64)
+                    .map(|f| f as i64)
+            })
             .filter(|n| (0..=MAX_GRACE_SECONDS).contains(n))
             .ok_or_else(|| {
                 ApiError::field("grace_seconds", "must be a whole number from 0 to 2592000")
@@ -574,6 +648,13 @@ fn string_field<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a st
 }
 
 /// `DELETE /credentials/{api_key}`: any valid credential may revoke any other.
+#[utoipa::path(delete, path = "/credentials/{api_key}", tag = "credentials",
+    summary = "Revoke a credential, for good",
+    params(KeyPath, RequestId),
+    responses(
+        (status = 200, description = "Revoked", body = Revoked),
+        (status = 404, description = "`CREDENTIAL_NOT_FOUND`: unknown, malformed or already revoked", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn revoke(
     State(state): State<AppState>,
@@ -613,6 +694,27 @@ static CREDENTIAL_SCOPES: HeaderName = HeaderName::from_static("x-credential-sco
 /// authenticated the caller; this checks the scopes the request asks for (`?scope=` and
 /// `X-Required-Scopes`; every other query parameter and the body are ignored) and answers
 /// with the caller's identity.
+#[utoipa::path(method(get, put, post, delete, options, head, patch, trace), path = "/auth/verify/{path}", tag = "forward auth",
+    summary = "Forward-auth target: authenticates the request's credential and answers with its identity",
+    params(
+        ("path" = String, Path, description = "The original request's path, appended by the proxy; ignored"),
+        ("scope" = Option<Vec<String>>, Query, explode, pattern = r"^[ \t\n\f\r]*((\*|[a-z0-9][a-z0-9:._-]{0,63})([ \t\n\f\r]+(\*|[a-z0-9][a-z0-9:._-]{0,63}))*)?[ \t\n\f\r]*$",
+            description = "Scopes the credential must hold, each value a space-separated list; every other query parameter is ignored"),
+        ("X-Required-Scopes" = Option<String>, Header, pattern = r"^[ \t]*((\*|[a-z0-9][a-z0-9:._-]{0,63})([ \t]+(\*|[a-z0-9][a-z0-9:._-]{0,63}))*)?[ \t]*$",
+            description = "Scopes the credential must hold, space-separated"),
+    ),
+    responses(
+        (status = 200, description = "Allowed (with `--verify-ok-status 200`, for Envoy)", headers(
+            ("X-Credential-Key" = String, description = "The credential's key"),
+            ("X-Credential-Owner" = String, description = "Its owner, when it has one"),
+            ("X-Credential-Scopes" = String, description = "Its scopes, space-separated, when it has any"))),
+        (status = 204, description = "Allowed", headers(
+            ("X-Credential-Key" = String, description = "The credential's key"),
+            ("X-Credential-Owner" = String, description = "Its owner, when it has one"),
+            ("X-Credential-Scopes" = String, description = "Its scopes, space-separated, when it has any"))),
+        (status = 400, description = "`INVALID_FIELD`: a required scope is malformed", body = ErrorBody),
+        (status = 403, description = "`INSUFFICIENT_SCOPE`: the credential lacks a required scope", body = ErrorBody),
+    ))]
 pub(super) async fn verify(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -685,6 +787,13 @@ fn check_required_scopes(
     Ok(())
 }
 
+#[utoipa::path(get, path = "/credentials/{api_key}", tag = "credentials",
+    summary = "One credential, revoked or not",
+    params(KeyPath),
+    responses(
+        (status = 200, description = "The credential", body = CredentialRecord),
+        (status = 404, description = "`CREDENTIAL_NOT_FOUND`: never registered, or malformed", body = ErrorBody),
+    ))]
 /// `GET /credentials/{api_key}`.
 pub(super) async fn get_one(
     State(state): State<AppState>,
@@ -712,6 +821,20 @@ pub(super) struct ListParams {
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
+#[utoipa::path(get, path = "/credentials", tag = "credentials",
+    summary = "List credentials, a page at a time",
+    params(
+        Limit,
+        ("after" = Option<String>, Query, pattern = r"^ak_[A-Za-z0-9]{16,64}$", description = "The `next` of the previous page"),
+        ("active" = Option<bool>, Query, description = "Only active (true) or revoked (false) credentials"),
+        ("owner" = Option<String>, Query, pattern = r"^[A-Za-z0-9._:@/-]{1,200}$", description = "Only this owner's credentials"),
+        ("state" = Option<CredentialState>, Query, description = "Only credentials in this state"),
+        ("master_key_id" = Option<String>, Query, pattern = r"^[0-9a-f]{16}$", description = "Only credentials derived under this master key"),
+    ),
+    responses(
+        (status = 200, description = "A page", body = CredentialPage),
+        (status = 400, description = "`INVALID_FIELD`: a malformed parameter; the message names it", body = ErrorBody),
+    ))]
 /// `GET /credentials`: keyset pagination; `next` is the last key of a full page.
 pub(super) async fn list(
     State(state): State<AppState>,
@@ -751,6 +874,17 @@ pub(super) struct AuditParams {
     limit: Option<String>,
 }
 
+#[utoipa::path(get, path = "/audit", tag = "audit",
+    summary = "The audit log, oldest first, a page at a time",
+    params(
+        ("api_key" = Option<String>, Query, pattern = r"^ak_[A-Za-z0-9]{16,64}$", description = "Only this credential's events"),
+        ("after" = Option<i64>, Query, minimum = 0, description = "The `next` of the previous page"),
+        Limit,
+    ),
+    responses(
+        (status = 200, description = "A page", body = EventPage),
+        (status = 400, description = "`INVALID_FIELD`: a malformed parameter; the message names it", body = ErrorBody),
+    ))]
 /// `GET /audit` (`audit:read`): the audit log, oldest first, paged by event id; `next` is the
 /// last id of a full page.
 pub(super) async fn audit(

@@ -15,7 +15,7 @@ use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, MethodRouter, any, get, on, post};
+use axum::routing::{MethodFilter, any, on};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -30,6 +30,7 @@ use crate::telemetry::Metrics;
 mod error;
 mod guard;
 mod handlers;
+mod openapi;
 mod origin;
 
 pub use crate::auth::Caller;
@@ -54,65 +55,67 @@ pub struct AppState {
     pub policy: Arc<Policy>,
 }
 
-/// Every route, declared once, with who may call it and the scope it needs (SPEC §7.2).
+/// Every route, declared once, with who may call it and the scope it needs (SPEC §7.2). The
+/// OpenAPI document is built from the same declarations ([`openapi`]).
 fn table() -> Routes {
     Routes::default()
-        .public("/health", get(handlers::health))
-        .public("/ready", get(handlers::ready))
-        .public("/metrics", get(handlers::metrics))
-        .open(Method::POST, "/credentials", post(handlers::register))
+        .public(Method::GET, "/health", handlers::health)
+        .public(Method::GET, "/ready", handlers::ready)
+        .public(Method::GET, "/metrics", handlers::metrics)
+        .public(Method::GET, "/openapi.json", openapi::serve)
+        .open(Method::POST, "/credentials", handlers::register)
         .protected(
-            MethodFilter::GET,
+            Method::GET,
             "/credentials",
             Need::Scope(CREDENTIALS_READ),
             handlers::list,
         )
         .protected(
-            MethodFilter::POST,
+            Method::POST,
             "/credentials/issue",
             Need::Scope(CREDENTIALS_WRITE),
             handlers::issue,
         )
         .protected(
-            MethodFilter::GET,
+            Method::GET,
             "/credentials/{api_key}",
             Need::ScopeOrSelf(CREDENTIALS_READ),
             handlers::get_one,
         )
         .protected(
-            MethodFilter::DELETE,
+            Method::DELETE,
             "/credentials/{api_key}",
             Need::ScopeOrSelf(CREDENTIALS_REVOKE),
             handlers::revoke,
         )
         .protected(
-            MethodFilter::PATCH,
+            Method::PATCH,
             "/credentials/{api_key}",
             Need::Scope(CREDENTIALS_WRITE),
             handlers::update,
         )
         .protected(
-            MethodFilter::POST,
+            Method::POST,
             "/credentials/{api_key}/roll",
             Need::ScopeOrSelf(CREDENTIALS_WRITE),
             handlers::roll,
         )
         .protected(
-            MethodFilter::GET,
+            Method::GET,
             "/audit",
             Need::Scope(AUDIT_READ),
             handlers::audit,
         )
         // Every method on every path under it: proxies forward the original method and
         // append the original path (SPEC §7.4). It checks the scopes a request asks for.
-        .authenticated("/auth/verify", any(handlers::verify))
-        .authenticated("/auth/verify/", any(handlers::verify))
-        .authenticated("/auth/verify/{*path}", any(handlers::verify))
+        .any_method("/auth/verify", handlers::verify)
+        .any_method("/auth/verify/", handlers::verify)
+        .any_method("/auth/verify/{*path}", handlers::verify)
 }
 
 /// Builds the whole API: the route table, error fallbacks and middleware.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
-    let Routes { router, access } = table();
+    let Routes { router, access, .. } = table();
     let routes = router
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -142,11 +145,34 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
     Router::new().fallback_service(stack)
 }
 
-/// The route table as it is declared: the routes, and which of them are open.
+/// The route table as it is declared: the routes, which of them are open, and each route's
+/// declaration for the OpenAPI document.
 #[derive(Default)]
 struct Routes {
     router: Router<AppState>,
     access: Access,
+    declared: Vec<Declared>,
+}
+
+/// One route as declared: its methods, its path (axum's syntax), and who may call it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Declared {
+    pub(crate) methods: Vec<Method>,
+    pub(crate) path: &'static str,
+    pub(crate) caller: Admits,
+}
+
+/// Who a declared route admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admits {
+    /// Anyone; credential headers are ignored.
+    Anyone,
+    /// Anyone without credential headers, or a valid credential.
+    AnyoneOrCredential,
+    /// Any valid credential.
+    Credential,
+    /// A valid credential holding what the route needs.
+    Holding(Need),
 }
 
 /// Which requests need no credential; every other one does (unknown routes included).
@@ -157,9 +183,6 @@ pub(crate) struct Access {
     /// Single methods on a path open to a caller without credential headers; the path's
     /// other methods need a credential.
     open: Vec<(Method, &'static str)>,
-    /// Protected routes and the scope each needs, as declared: what the unit test pins.
-    #[cfg(test)]
-    needs: Vec<(MethodFilter, &'static str, Need)>,
 }
 
 impl Access {
@@ -175,47 +198,90 @@ impl Access {
     }
 }
 
+/// The methods `any_method` routes answer, as OpenAPI can name them.
+const EVERY_METHOD: [Method; 8] = [
+    Method::GET,
+    Method::PUT,
+    Method::POST,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::HEAD,
+    Method::PATCH,
+    Method::TRACE,
+];
+
 impl Routes {
-    /// A route anyone may call, with any method (wrong methods get 405 without credentials).
-    fn public(mut self, path: &'static str, route: MethodRouter<AppState>) -> Self {
-        self.access.public.push(path);
-        self.router = self.router.route(path, route);
-        self
-    }
-
-    /// One method a caller without credential headers may call on a path whose other methods
-    /// need a credential.
-    fn open(mut self, method: Method, path: &'static str, route: MethodRouter<AppState>) -> Self {
-        self.access.open.push((method, path));
-        self.router = self.router.route(path, route);
-        self
-    }
-
-    /// A route any valid credential may call: its handler finds the [`Caller`] in request
-    /// extensions.
-    fn authenticated(mut self, path: &'static str, route: MethodRouter<AppState>) -> Self {
-        self.router = self.router.route(path, route);
-        self
-    }
-
-    /// One method on a path, for a valid credential holding what `need` says.
-    fn protected<H, T>(
+    fn declare<H, T>(
         mut self,
-        method: MethodFilter,
+        method: Method,
         path: &'static str,
-        need: Need,
+        caller: Admits,
         handler: H,
     ) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
     {
-        #[cfg(test)]
-        self.access.needs.push((method, path, need));
-        let route = on(method, handler)
-            .route_layer(middleware::from_fn_with_state(need, guard::require_scope));
+        // Runs once at startup, on the constant table above: every test runs it.
+        let filter = MethodFilter::try_from(method.clone())
+            .expect("the route table names only methods axum can route");
+        let mut route = on(filter, handler);
+        if let Admits::Holding(need) = caller {
+            route = route.route_layer(middleware::from_fn_with_state(need, guard::require_scope));
+        }
         self.router = self.router.route(path, route);
+        self.declared.push(Declared {
+            methods: vec![method],
+            path,
+            caller,
+        });
         self
+    }
+
+    /// A route anyone may call (wrong methods on its path get 405 without credentials).
+    fn public<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.access.public.push(path);
+        self.declare(method, path, Admits::Anyone, handler)
+    }
+
+    /// One method a caller without credential headers may call on a path whose other methods
+    /// need a credential.
+    fn open<H, T>(mut self, method: Method, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.access.open.push((method.clone(), path));
+        self.declare(method, path, Admits::AnyoneOrCredential, handler)
+    }
+
+    /// Every method on a path, for any valid credential: its handler finds the [`Caller`] in
+    /// request extensions.
+    fn any_method<H, T>(mut self, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.router = self.router.route(path, any(handler));
+        self.declared.push(Declared {
+            methods: EVERY_METHOD.to_vec(),
+            path,
+            caller: Admits::Credential,
+        });
+        self
+    }
+
+    /// One method on a path, for a valid credential holding what `need` says.
+    fn protected<H, T>(self, method: Method, path: &'static str, need: Need, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        self.declare(method, path, Admits::Holding(need), handler)
     }
 }
 
@@ -260,7 +326,10 @@ mod tests {
     #[test]
     fn only_the_declared_routes_are_open() {
         let Routes { access, .. } = table();
-        assert_eq!(access.public, ["/health", "/ready", "/metrics"]);
+        assert_eq!(
+            access.public,
+            ["/health", "/ready", "/metrics", "/openapi.json"]
+        );
         assert_eq!(access.open, [(Method::POST, "/credentials")]);
         assert_eq!(access.of(&Method::DELETE, "/health"), Open::Public);
         assert_eq!(
@@ -283,41 +352,44 @@ mod tests {
     /// The scope every protected route needs (SPEC §7.2), as declared.
     #[test]
     fn every_route_needs_the_scope_the_spec_gives_it() {
-        let Routes { access, .. } = table();
+        let Routes { declared, .. } = table();
+        let needs: Vec<(Method, &str, Need)> = declared
+            .into_iter()
+            .filter_map(|d| match d.caller {
+                Admits::Holding(need) => Some((d.methods[0].clone(), d.path, need)),
+                _ => None,
+            })
+            .collect();
         assert_eq!(
-            access.needs,
+            needs,
             [
+                (Method::GET, "/credentials", Need::Scope(CREDENTIALS_READ)),
                 (
-                    MethodFilter::GET,
-                    "/credentials",
-                    Need::Scope(CREDENTIALS_READ)
-                ),
-                (
-                    MethodFilter::POST,
+                    Method::POST,
                     "/credentials/issue",
                     Need::Scope(CREDENTIALS_WRITE)
                 ),
                 (
-                    MethodFilter::GET,
+                    Method::GET,
                     "/credentials/{api_key}",
                     Need::ScopeOrSelf(CREDENTIALS_READ)
                 ),
                 (
-                    MethodFilter::DELETE,
+                    Method::DELETE,
                     "/credentials/{api_key}",
                     Need::ScopeOrSelf(CREDENTIALS_REVOKE)
                 ),
                 (
-                    MethodFilter::PATCH,
+                    Method::PATCH,
                     "/credentials/{api_key}",
                     Need::Scope(CREDENTIALS_WRITE)
                 ),
                 (
-                    MethodFilter::POST,
+                    Method::POST,
                     "/credentials/{api_key}/roll",
                     Need::ScopeOrSelf(CREDENTIALS_WRITE)
                 ),
-                (MethodFilter::GET, "/audit", Need::Scope(AUDIT_READ)),
+                (Method::GET, "/audit", Need::Scope(AUDIT_READ)),
             ]
         );
     }

@@ -52,7 +52,8 @@ pub(crate) async fn timed<T>(
 }
 
 /// A credential as stored, with its computed state: never a secret, never a hash of one.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+#[schema(as = Credential)]
 pub struct CredentialRecord {
     /// The public key.
     pub api_key: String,
@@ -60,9 +61,11 @@ pub struct CredentialRecord {
     pub active: bool,
     /// When it was registered.
     #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: DateTime<Utc>,
     /// When it was revoked, if it was.
     #[serde(serialize_with = "rfc3339_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub revoked_at: Option<DateTime<Utc>>,
     /// The key that revoked it; none for a revocation made in the database directly.
     pub revoked_by: Option<String>,
@@ -71,14 +74,17 @@ pub struct CredentialRecord {
     /// Whom it belongs to (an external id).
     pub owner: Option<String>,
     /// Free-form attributes, a JSON object.
+    #[schema(value_type = Object)]
     pub meta: Value,
     /// What it may do, sorted.
     pub scopes: Vec<String>,
     /// When it stops authenticating, if ever.
     #[serde(serialize_with = "rfc3339_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub expires_at: Option<DateTime<Utc>>,
     /// When it last authenticated, coarsely.
     #[serde(serialize_with = "rfc3339_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub last_used_at: Option<DateTime<Utc>>,
     /// Which master key derived its secret; none when registered before that was recorded.
     pub master_key_id: Option<String>,

@@ -463,3 +463,70 @@ async fn caddy_forward_auth_with_the_readme_configuration() {
     // The README copies only the key with Caddy 2.6 (see there why).
     forward_auth_holds(&proxy, listen, credgate, &hits, false).await;
 }
+
+/// The schemathesis release the suite runs: pinned, so a new release cannot change the verdict.
+const SCHEMATHESIS: &str = "schemathesis==4.32.5";
+
+/// A virtualenv with schemathesis, made once under `target/` and reused by later runs.
+fn schemathesis() -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-venv");
+    let binary = venv.join("bin/schemathesis");
+    let version = venv.join("installed");
+    if std::fs::read_to_string(&version).is_ok_and(|v| v == SCHEMATHESIS) && binary.exists() {
+        return binary;
+    }
+    let run = |cmd: &mut Command| {
+        let out = cmd.output().expect("run python3");
+        assert!(out.status.success(), "{cmd:?} failed:\n{}", report(&out));
+    };
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv));
+    run(Command::new(venv.join("bin/pip")).args([
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        SCHEMATHESIS,
+    ]));
+    std::fs::write(&version, SCHEMATHESIS).unwrap();
+    binary
+}
+
+/// schemathesis, every operation of `/openapi.json` with every check, against a live server
+/// with a credential that works (`tests/schemathesis/hooks.py` mints a new one whenever the
+/// run revoked, rolled or narrowed its own): no 5xx, and every answer is what the document
+/// says (status, content type, headers, body), valid input accepted and invalid refused. The
+/// few checks turned off for one operation say why in `tests/schemathesis/schemathesis.toml`.
+#[tokio::test]
+async fn schemathesis_finds_the_api_as_its_document_says() {
+    let binary = schemathesis();
+    let (server, dir) = credgate();
+    let document: serde_json::Value = reqwest::get(server.url("/openapi.json"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let operations: usize = document["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    let out = Command::new(binary)
+        .current_dir(repo("tests/schemathesis"))
+        .env("CREDGATE_URL", server.url(""))
+        .env("CREDGATE_BIN", env!("CARGO_BIN_EXE_credgate"))
+        .env("CREDGATE_MASTER_KEY_FILE", dir.path().join("master.hex"))
+        .env("NO_COLOR", "1")
+        .args(["--config-file", "schemathesis.toml", "run"])
+        .arg(server.url("/openapi.json"))
+        .output()
+        .expect("run schemathesis");
+    let text = report(&out);
+    assert!(out.status.success(), "schemathesis failed:\n{text}");
+    assert!(
+        text.contains(&format!("Tested: {operations}")),
+        "not every one of the {operations} operations was tested:\n{text}"
+    );
+}

@@ -305,8 +305,8 @@ async fn roll_is_refused_on_revoked_expired_unknown_and_bad_input(backend: Backe
     let record = app.record(&target.key, &admin).await;
     assert_eq!(record["expires_at"], Value::Null);
     assert_eq!(app.verify(&target).await, StatusCode::NO_CONTENT);
-    // The limits themselves are accepted.
-    for grace in [0, 2_592_000] {
+    // The limits themselves are accepted, and a whole number written with a fraction.
+    for grace in [json!(0), json!(2_592_000), json!(60.0)] {
         let victim = app.registered().await;
         minted(
             roll(
