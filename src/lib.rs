@@ -17,6 +17,8 @@
 //! - [`config`] holds the configuration and the master key sources.
 //! - [`telemetry`] sets up logs and the Prometheus metrics.
 //! - [`leak`] finds credential pairs in text, for `credgate scan`.
+//! - [`layer`] is credgate as a library: a `tower::Layer` that authenticates another
+//!   service's requests in-process ([`startup::open`] builds what it needs).
 //!
 //! The `credgate` command line belongs to the binary (`src/main.rs`, `src/cli/`), not to the
 //! library.
@@ -28,6 +30,7 @@ pub mod config;
 pub(crate) mod connections;
 pub mod credential;
 pub mod http;
+pub mod layer;
 pub mod leak;
 pub mod startup;
 pub mod store;

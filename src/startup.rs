@@ -37,52 +37,15 @@ impl Application {
     /// Loads the master key, opens and migrates the database, and binds the listener.
     /// Any failure here is a configuration problem and stops start-up.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let (master, source) = config::load_master_key(
-            config.master_key_file.as_deref(),
-            &config.data_dir,
-            config::WhenMissing::Generate,
-        )?;
-        let target = config.database_target();
-        if let DatabaseTarget::Sqlite(path) = &target
-            && config.database.is_none()
-        {
-            config::ensure_data_dir(path.parent().unwrap_or(&config.data_dir))?;
-        }
-        let metrics = Metrics::new()?;
-        let store = store::open(&target, &config.store, metrics.clone()).await?;
-        store
-            .check_writable()
-            .await
-            .map_err(|e| anyhow::anyhow!("the database does not accept writes: {}", e.report()))?;
-        let ids: Vec<String> = master.key_ids().map(str::to_owned).collect();
-        let auth = Authenticator::new(
-            master,
-            store.clone(),
-            CacheSettings {
-                ttl: config.cache_ttl,
-                capacity: config.cache_capacity,
-                last_used_interval: config.last_used_interval,
-            },
-            metrics.clone(),
-        );
+        let (state, loaded) = open_quietly(&config).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let state = AppState {
-            auth: auth.clone(),
-            store: store.clone(),
-            metrics,
-            policy: std::sync::Arc::new(config.policy.clone()),
-        };
-        let max_connections = config.max_connections();
-        let database_descriptors = connections::database_descriptors(&target, &config.store);
         // Logged only now, so a failed start-up prints nothing but its one error line.
-        match &source {
-            KeySource::DataDir(path, true) => {
-                tracing::info!(path = %path.display(), master_key_ids = ?ids, "generated a new master key")
-            }
-            source => tracing::info!(?source, master_key_ids = ?ids, "master keys loaded"),
-        }
+        loaded.log();
+        let max_connections = config.max_connections();
+        let database_descriptors =
+            connections::database_descriptors(&config.database_target(), &config.store);
         warn_if_descriptors_fall_short(max_connections, database_descriptors);
         Ok(Self {
             connections: Connections::new(max_connections, state.metrics.clone()),
@@ -180,6 +143,72 @@ impl Application {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Loads the master keys, opens and migrates the database, and builds the authenticator: all
+/// a service needs to authenticate requests, without listening anywhere. [`Application::build`]
+/// uses it; so does a service that embeds credgate ([`crate::layer::Authenticate`]). Any
+/// failure is a configuration problem.
+pub async fn open(config: &Config) -> anyhow::Result<AppState> {
+    let (state, loaded) = open_quietly(config).await?;
+    loaded.log();
+    Ok(state)
+}
+
+/// Which master keys were loaded, from where: logged once start-up cannot fail any more.
+struct Loaded {
+    source: KeySource,
+    ids: Vec<String>,
+}
+
+impl Loaded {
+    fn log(self) {
+        let Self { source, ids } = self;
+        match &source {
+            KeySource::DataDir(path, true) => {
+                tracing::info!(path = %path.display(), master_key_ids = ?ids, "generated a new master key")
+            }
+            source => tracing::info!(?source, master_key_ids = ?ids, "master keys loaded"),
+        }
+    }
+}
+
+async fn open_quietly(config: &Config) -> anyhow::Result<(AppState, Loaded)> {
+    let (master, source) = config::load_master_key(
+        config.master_key_file.as_deref(),
+        &config.data_dir,
+        config::WhenMissing::Generate,
+    )?;
+    let target = config.database_target();
+    if let DatabaseTarget::Sqlite(path) = &target
+        && config.database.is_none()
+    {
+        config::ensure_data_dir(path.parent().unwrap_or(&config.data_dir))?;
+    }
+    let metrics = Metrics::new()?;
+    let store = store::open(&target, &config.store, metrics.clone()).await?;
+    store
+        .check_writable()
+        .await
+        .map_err(|e| anyhow::anyhow!("the database does not accept writes: {}", e.report()))?;
+    let ids: Vec<String> = master.key_ids().map(str::to_owned).collect();
+    let auth = Authenticator::new(
+        master,
+        store.clone(),
+        CacheSettings {
+            ttl: config.cache_ttl,
+            capacity: config.cache_capacity,
+            last_used_interval: config.last_used_interval,
+        },
+        metrics.clone(),
+    );
+    let state = AppState {
+        auth,
+        store,
+        metrics,
+        policy: std::sync::Arc::new(config.policy.clone()),
+    };
+    Ok((state, Loaded { source, ids }))
 }
 
 /// Serves one connection on its own task. The connection's slot stays taken until its socket

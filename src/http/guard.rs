@@ -50,21 +50,32 @@ pub(crate) async fn require_credential(
         }
         Open::WithoutCredential | Open::No => {}
     }
-    let outcome = guard
-        .auth
+    match authenticate(&guard.auth, headers).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Authenticates a request's credential headers: the caller, or the error to answer with.
+/// Every rejection is the same 401, so a caller learns nothing about which part failed; a
+/// database failure is a 500, never a 401.
+pub(crate) async fn authenticate(
+    auth: &Authenticator,
+    headers: &HeaderMap,
+) -> Result<Caller, ApiError> {
+    let outcome = auth
         .authenticate(
             single_header(headers, &KEY_HEADER),
             single_header(headers, &SECRET_HEADER),
         )
         .await;
     match outcome {
-        AuthOutcome::Authenticated(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        AuthOutcome::Failed(e) => ApiError::from(e).into_response(),
-        // One answer for every rejection: the caller learns nothing about which part failed.
-        _ => ApiError::Unauthorized.into_response(),
+        AuthOutcome::Authenticated(caller) => Ok(caller),
+        AuthOutcome::Failed(e) => Err(ApiError::from(e)),
+        _ => Err(ApiError::Unauthorized),
     }
 }
 

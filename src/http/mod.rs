@@ -28,7 +28,7 @@ use crate::store::CredentialStore;
 use crate::telemetry::Metrics;
 
 mod error;
-mod guard;
+pub(crate) mod guard;
 mod handlers;
 mod openapi;
 mod origin;

@@ -48,6 +48,10 @@ mod api;
 mod audit;
 mod cache_and_storage;
 mod ecosystem;
+/// `examples/embedded.rs` itself, so its tests (`embedding`) run exactly the example's code.
+#[path = "../../examples/embedded.rs"]
+mod embedded_example;
+mod embedding;
 mod lifecycle;
 mod privileges;
 mod process;

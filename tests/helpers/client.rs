@@ -15,18 +15,26 @@ pub struct Client {
     pub addr: SocketAddr,
     /// The underlying client, for requests no method below makes.
     pub http: reqwest::Client,
+    /// Where credgate's API is mounted: empty, or a prefix when another service embeds it.
+    prefix: &'static str,
 }
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Self {
+        Self::under(addr, "")
+    }
+
+    /// A client of credgate's API mounted under `prefix` by a service that embeds it.
+    pub fn under(addr: SocketAddr, prefix: &'static str) -> Self {
         Self {
             addr,
             http: reqwest::Client::new(),
+            prefix,
         }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("http://{}{}{}", self.addr, self.prefix, path)
     }
 
     /// A request, authenticated with `auth` when given.
