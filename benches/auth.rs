@@ -1,6 +1,6 @@
 //! Microbenchmarks of the authentication path: parse + derive + constant-time verify; a
-//! cache hit end to end through the `Authenticator`; a cache miss against SQLite holding
-//! 1 000 000 credentials.
+//! cache hit end to end through the `Authenticator`; a forged secret, of a cached key and
+//! of a key never seen; a cache miss against SQLite holding 1 000 000 credentials.
 //!
 //! `cargo bench --bench auth`
 
@@ -33,6 +33,15 @@ async fn accepted(auth: &Authenticator, pair: &(String, String)) {
     let outcome = auth.authenticate(Some(&pair.0), Some(&pair.1)).await;
     assert!(
         matches!(outcome, AuthOutcome::Authenticated(_)),
+        "{outcome:?}"
+    );
+}
+
+/// Authenticates `pair`, whose secret is forged.
+async fn rejected(auth: &Authenticator, pair: &(String, String)) {
+    let outcome = auth.authenticate(Some(&pair.0), Some(&pair.1)).await;
+    assert!(
+        matches!(outcome, AuthOutcome::RejectedDerivation),
         "{outcome:?}"
     );
 }
@@ -87,6 +96,22 @@ fn authentication(c: &mut Criterion) {
     rt.block_on(accepted(&cached, &hot));
     c.bench_function("authenticate: cache hit", |b| {
         b.to_async(&rt).iter(|| accepted(&cached, &hot))
+    });
+
+    // Forged secrets: of the cached key (checked against its cached derivation, then by HMAC
+    // in case another master key derived it) and of keys never seen (HMAC only). Both must be
+    // rejected without a database query.
+    let forger = SecretDeriver::new(&MasterKey::from_bytes([9; 32]));
+    let forged_hot = (
+        hot.0.clone(),
+        forger.secret_for(&seed::bench_key(42)).expose(),
+    );
+    c.bench_function("authenticate: forged secret, cached key", |b| {
+        b.to_async(&rt).iter(|| rejected(&cached, &forged_hot))
+    });
+    let forged_cold = presented(&forger, &ApiKey::generate());
+    c.bench_function("authenticate: forged secret, unknown key", |b| {
+        b.to_async(&rt).iter(|| rejected(&cached, &forged_cold))
     });
 
     // No cache: every call is a lookup among a million rows.

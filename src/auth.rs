@@ -97,6 +97,10 @@ struct Entry {
     profile: Profile,
     /// `expires_at` in milliseconds since the epoch; `i64::MAX` when it never expires.
     expires_ms: i64,
+    /// The derivation of the key checked when the entry was made, under the master keys in
+    /// use then (the cache is emptied when they change): a hit compares the presented secret
+    /// with it in constant time instead of computing the HMAC again.
+    secret: ApiSecret,
 }
 
 impl Entry {
@@ -407,12 +411,8 @@ impl Authenticator {
         let secret = secret
             .and_then(|v| ApiSecret::parse(v).ok())
             .ok_or(AuthOutcome::RejectedForm)?;
-        // Every request, cached or not: a credential of a key removed from the ring fails
-        // here at once, whatever the cache holds.
-        if self.inner.keys.load().verify(&key, &secret).is_none() {
-            return Err(AuthOutcome::RejectedDerivation);
-        }
         let Some(cache) = &self.inner.cache else {
+            self.verify_derivation(&key, &secret)?;
             self.inner.metrics.cache_miss();
             let entry = self.load(&key, &secret).await?;
             return Ok(Caller {
@@ -420,14 +420,26 @@ impl Authenticator {
                 profile: entry.profile,
             });
         };
+        // The derivation is checked first on every path: against the cached derivation on a
+        // hit (one constant-time compare), by HMAC otherwise. A forged secret costs the HMAC
+        // whether or not its key is cached, and never reaches the database.
         let entry = match cache.get(&key).await {
+            Some(entry) if entry.secret.same_as(&secret) => {
+                self.inner.metrics.cache_hit();
+                entry
+            }
+            // Another configured master key may have derived this secret.
             Some(entry) => {
+                self.verify_derivation(&key, &secret)?;
                 self.inner.metrics.cache_hit();
                 entry
             }
             None => {
-                self.inner.metrics.cache_miss();
+                // Read before the derivation is checked: a change of master keys after it
+                // makes the answer's cached derivation suspect, and the entry is dropped.
                 let epoch = self.inner.epoch.load(Ordering::Acquire);
+                self.verify_derivation(&key, &secret)?;
+                self.inner.metrics.cache_miss();
                 // Concurrent misses on one key share this one lookup; errors are not cached.
                 let entry = cache
                     .entry(key.clone())
@@ -452,13 +464,21 @@ impl Authenticator {
         })
     }
 
+    /// Whether one of the configured master keys derived `secret` from `key` (an HMAC each).
+    fn verify_derivation(&self, key: &ApiKey, secret: &ApiSecret) -> Result<(), AuthOutcome> {
+        match self.inner.keys.load().verify(key, secret) {
+            Some(_) => Ok(()),
+            None => Err(AuthOutcome::RejectedDerivation),
+        }
+    }
+
     async fn load(&self, key: &ApiKey, secret: &ApiSecret) -> Result<Entry, AuthOutcome> {
         match self.inner.store.lookup(key).await {
             Ok(Some(record)) => {
                 if record.master_key_id.is_none() {
                     self.learn_master_key_id(key, secret);
                 }
-                self.inner.entry(record)
+                self.inner.entry(record, secret.clone())
             }
             Ok(None) => Err(AuthOutcome::RejectedUnknown),
             // Logged where the 500 is answered, with its cause.
@@ -531,6 +551,13 @@ impl Authenticator {
     /// not, since every request checks its derivation first.
     pub fn replace_keys(&self, keys: KeyRing) {
         self.inner.keys.store(Arc::new(keys));
+        // Cached derivations may be of a key no longer configured: every credential is
+        // checked by HMAC again at its next use. (A lookup racing this may cache an answer
+        // read under the old keys; the epoch makes it drop that answer.)
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(cache) = &self.inner.cache {
+            cache.invalidate_all();
+        }
     }
 }
 
@@ -557,7 +584,7 @@ impl Inner {
     }
 
     /// The cache entry for a stored credential, or why it does not authenticate.
-    fn entry(&self, record: AuthRecord) -> Result<Entry, AuthOutcome> {
+    fn entry(&self, record: AuthRecord, secret: ApiSecret) -> Result<Entry, AuthOutcome> {
         if !record.active {
             return Err(AuthOutcome::RejectedRevoked);
         }
@@ -574,6 +601,7 @@ impl Inner {
                 owner: record.owner.as_deref().map(Owner::new),
             },
             expires_ms,
+            secret,
         })
     }
 
@@ -897,6 +925,67 @@ mod tests {
             );
         }
         assert_eq!(std::mem::size_of::<Option<Owner>>(), 24);
+    }
+
+    /// A hit compares the presented secret with the cached derivation: a forged one is
+    /// refused without a lookup, one derived by another configured master key is accepted,
+    /// and a derivation by a master key no longer configured fails at once, cached or not.
+    #[tokio::test]
+    async fn a_cached_credential_is_checked_against_its_derivation() {
+        let (store, auth) = held(1);
+        let (first, second) = (
+            MasterKey::from_bytes([7; 32]),
+            MasterKey::from_bytes([8; 32]),
+        );
+        let ring = |keys: &[MasterKey]| KeyRing::new(keys).expect("a ring");
+        auth.replace_keys(ring(&[first, second.clone()]));
+        let key = ApiKey::generate();
+        let secret_by = |master: &MasterKey| {
+            crate::credential::SecretDeriver::new(master)
+                .secret_for(&key)
+                .expose()
+        };
+        let (by_first, by_second) = (deriver().secret_for(&key).expose(), secret_by(&second));
+        let forged = secret_by(&MasterKey::from_bytes([9; 32]));
+        let lookups = || store.lookups.load(Ordering::SeqCst);
+        let outcome = |secret: &String| {
+            let (auth, key, secret) = (auth.clone(), key.clone(), secret.clone());
+            async move { auth.authenticate(Some(key.as_str()), Some(&secret)).await }
+        };
+
+        assert!(matches!(
+            outcome(&by_first).await,
+            AuthOutcome::Authenticated(_)
+        ));
+        let after_miss = lookups();
+        assert!(matches!(
+            outcome(&forged).await,
+            AuthOutcome::RejectedDerivation
+        ));
+        assert!(matches!(
+            outcome(&by_second).await,
+            AuthOutcome::Authenticated(_)
+        ));
+        assert!(matches!(
+            outcome(&by_first).await,
+            AuthOutcome::Authenticated(_)
+        ));
+        assert_eq!(lookups(), after_miss, "served from the cache");
+
+        auth.replace_keys(ring(&[second]));
+        assert!(matches!(
+            outcome(&by_first).await,
+            AuthOutcome::RejectedDerivation
+        ));
+        assert!(matches!(
+            outcome(&by_second).await,
+            AuthOutcome::Authenticated(_)
+        ));
+        assert_eq!(
+            lookups(),
+            after_miss + 1,
+            "looked up again after the keys changed"
+        );
     }
 
     #[tokio::test]

@@ -715,16 +715,29 @@ static CREDENTIAL_SCOPES: HeaderName = HeaderName::from_static("x-credential-sco
         (status = 400, description = "`INVALID_FIELD`: a required scope is malformed", body = ErrorBody),
         (status = 403, description = "`INSUFFICIENT_SCOPE`: the credential lacks a required scope", body = ErrorBody),
     ))]
-pub(super) async fn verify(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    check_required_scopes(&caller, uri.query(), &headers)?;
+pub(super) async fn verify(State(state): State<AppState>, req: axum::extract::Request) -> Response {
+    // The request is read in place: its headers, URI and caller are borrowed, never cloned.
+    match identity(&req, state.policy.verify_ok_status) {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The answer of `/auth/verify` to an authenticated request: its required scopes checked,
+/// then the caller's identity headers.
+fn identity(req: &axum::extract::Request, ok: VerifyStatus) -> Result<Response, ApiError> {
+    let Some(caller) = req.extensions().get::<Caller>() else {
+        // The route is declared for credentials only: the guard admitted it with one.
+        return Err(ApiError::Unauthorized);
+    };
+    check_required_scopes(caller, req.uri().query(), req.headers())?;
     let mut identity = HeaderMap::with_capacity(3);
-    // A parsed key is ASCII alphanumerics and '_', always a valid header value.
-    let key = HeaderValue::from_str(caller.key.as_str()).map_err(|_| ApiError::Internal)?;
+    // The key header as it arrived (the guard read exactly this value): sharing its bytes
+    // costs no copy. A parsed key is ASCII alphanumerics and '_', always a valid header value.
+    let key = match req.headers().get(&super::KEY_HEADER) {
+        Some(sent) => sent.clone(),
+        None => HeaderValue::from_str(caller.key.as_str()).map_err(|_| ApiError::Internal)?,
+    };
     identity.insert(&CREDENTIAL_KEY, key);
     if let Some(owner) = caller.profile.owner() {
         let owner = HeaderValue::from_str(owner).map_err(|_| {
@@ -742,11 +755,13 @@ pub(super) async fn verify(
         })?;
         identity.insert(&CREDENTIAL_SCOPES, scopes);
     }
-    let status = match state.policy.verify_ok_status {
+    let status = match ok {
         VerifyStatus::Ok => StatusCode::OK,
         VerifyStatus::NoContent => StatusCode::NO_CONTENT,
     };
-    Ok((status, identity).into_response())
+    let mut response = status.into_response();
+    *response.headers_mut() = identity;
+    Ok(response)
 }
 
 /// Checks every scope a forward-auth request requires: each `scope` query parameter and each
