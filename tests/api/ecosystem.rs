@@ -18,7 +18,7 @@ use crate::helpers::server_process::ServerProcess;
 
 /// Makes sure `tool` is on PATH, installing Debian's `package` when it is not (as root);
 /// otherwise fails, naming the package: a check that is skipped is not a check.
-fn ensure_tool(tool: &str, package: &str) {
+pub(crate) fn ensure_tool(tool: &str, package: &str) {
     // One installation at a time: the tests run in parallel, and dpkg takes one at a time.
     static APT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _apt = APT.lock().unwrap_or_else(|p| p.into_inner());
@@ -318,7 +318,7 @@ fn free_port() -> SocketAddr {
 }
 
 /// credgate with the test master key, in a directory of its own.
-fn credgate() -> (ServerProcess, tempfile::TempDir) {
+pub(crate) fn credgate() -> (ServerProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("master.hex");
     std::fs::write(&key_file, format!("{MASTER_HEX}\n")).unwrap();
@@ -513,8 +513,18 @@ async fn schemathesis_finds_the_api_as_its_document_says() {
         .values()
         .map(|item| item.as_object().unwrap().len())
         .sum();
+    // Run in a scratch directory under target/: schemathesis and Hypothesis write their
+    // state where they run, and the source tree stays as it is.
+    let work = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    for file in ["schemathesis.toml", "hooks.py"] {
+        std::fs::copy(
+            repo("tests/schemathesis").join(file),
+            work.path().join(file),
+        )
+        .unwrap();
+    }
     let out = Command::new(binary)
-        .current_dir(repo("tests/schemathesis"))
+        .current_dir(work.path())
         .env("CREDGATE_URL", server.url(""))
         .env("CREDGATE_BIN", env!("CARGO_BIN_EXE_credgate"))
         .env("CREDGATE_MASTER_KEY_FILE", dir.path().join("master.hex"))
