@@ -27,6 +27,7 @@ use crate::config::Policy;
 use crate::store::CredentialStore;
 use crate::telemetry::Metrics;
 
+mod console;
 mod error;
 pub(crate) mod guard;
 mod handlers;
@@ -63,6 +64,9 @@ fn table() -> Routes {
         .public(Method::GET, "/ready", handlers::ready)
         .public(Method::GET, "/metrics", handlers::metrics)
         .public(Method::GET, "/openapi.json", openapi::serve)
+        .public(Method::GET, "/console", console::page)
+        .public(Method::GET, "/console/console.js", console::script)
+        .public(Method::GET, "/console/console.css", console::style)
         .open(Method::POST, "/credentials", handlers::register)
         .protected(
             Method::GET,
@@ -328,7 +332,15 @@ mod tests {
         let Routes { access, .. } = table();
         assert_eq!(
             access.public,
-            ["/health", "/ready", "/metrics", "/openapi.json"]
+            [
+                "/health",
+                "/ready",
+                "/metrics",
+                "/openapi.json",
+                "/console",
+                "/console/console.js",
+                "/console/console.css"
+            ]
         );
         assert_eq!(access.open, [(Method::POST, "/credentials")]);
         assert_eq!(access.of(&Method::DELETE, "/health"), Open::Public);

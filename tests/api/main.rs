@@ -19,6 +19,7 @@ mod helpers {
     pub mod raw_http;
     pub mod server_process;
     pub mod wait;
+    pub mod webdriver;
 }
 
 /// Generates one `#[tokio::test]` per backend for each named `async fn(Backend)`, in modules
@@ -47,6 +48,7 @@ macro_rules! contract_tests {
 mod api;
 mod audit;
 mod cache_and_storage;
+mod console;
 mod ecosystem;
 /// `examples/embedded.rs` itself, so its tests (`embedding`) run exactly the example's code.
 #[path = "../../examples/embedded.rs"]
