@@ -8,6 +8,10 @@ use serde_json::json;
 
 use crate::store::StoreError;
 
+/// The body of every 401, as `ApiError::Unauthorized` would serialize it (a unit test checks).
+const UNAUTHORIZED_BODY: &str =
+    r#"{"error":{"code":"UNAUTHORIZED","message":"missing or invalid credentials"}}"#;
+
 /// Every error the API answers with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -124,15 +128,39 @@ impl IntoResponse for ApiError {
         if let Self::Store(e) = &self {
             tracing::error!(error = %e.report(), "request failed on the database");
         }
-        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        let mut response = (self.status(), Json(body)).into_response();
         if let Self::Unauthorized = self {
-            // RFC 9110 §11.6.1: a 401 names the scheme that would succeed.
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"ApiKey realm="credgate""#),
-            );
+            // The most frequent answer (every forged or unknown pair), and always the same:
+            // written once, shared by every 401.
+            return (
+                StatusCode::UNAUTHORIZED,
+                [
+                    (
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    ),
+                    // RFC 9110 §11.6.1: a 401 names the scheme that would succeed.
+                    (
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static(r#"ApiKey realm="credgate""#),
+                    ),
+                ],
+                UNAUTHORIZED_BODY,
+            )
+                .into_response();
         }
-        response
+        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prebuilt_401_is_what_the_error_serializes_to() {
+        let e = ApiError::Unauthorized;
+        let built = json!({ "error": { "code": e.code(), "message": e.to_string() } });
+        assert_eq!(built.to_string(), UNAUTHORIZED_BODY);
     }
 }
