@@ -50,7 +50,7 @@ pub(crate) fn ensure_tool(tool: &str, package: &str) {
     assert!(installed && found(tool), "could not install `{package}`");
 }
 
-fn repo(path: &str) -> PathBuf {
+pub(crate) fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
@@ -74,7 +74,7 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("promtool")
 }
 
-fn report(out: &Output) -> String {
+pub(crate) fn report(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -200,7 +200,7 @@ fn the_systemd_unit_verifies_and_stays_hardened() {
 }
 
 /// The README's configuration for a proxy, verbatim: its first code block in `lang`.
-fn readme_block(lang: &str) -> String {
+pub(crate) fn readme_block(lang: &str) -> String {
     let readme = std::fs::read_to_string(repo("README.md")).unwrap();
     let fence = format!("```{lang}\n");
     let start = readme.find(&fence).expect("the block in README.md") + fence.len();
@@ -311,7 +311,7 @@ impl Drop for Proxy {
     }
 }
 
-fn free_port() -> SocketAddr {
+pub(crate) fn free_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -467,13 +467,16 @@ async fn caddy_forward_auth_with_the_readme_configuration() {
 /// The schemathesis release the suite runs: pinned, so a new release cannot change the verdict.
 const SCHEMATHESIS: &str = "schemathesis==4.32.5";
 
-/// A virtualenv with schemathesis, made once under `target/` and reused by later runs.
-fn schemathesis() -> PathBuf {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("schemathesis-venv");
-    let binary = venv.join("bin/schemathesis");
-    let version = venv.join("installed");
-    if std::fs::read_to_string(&version).is_ok_and(|v| v == SCHEMATHESIS) && binary.exists() {
-        return binary;
+/// A virtualenv named `name` under `target/` with exactly `requirements` (pinned), made the
+/// first time and reused by later runs; returns its directory.
+pub(crate) fn virtualenv(name: &str, requirements: &[&str]) -> PathBuf {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    let marker = venv.join("installed");
+    let wanted = requirements.join(" ");
+    if std::fs::read_to_string(&marker).is_ok_and(|v| v == wanted)
+        && venv.join("bin/python").exists()
+    {
+        return venv;
     }
     let run = |cmd: &mut Command| {
         let out = cmd.output().expect("run python3");
@@ -482,14 +485,16 @@ fn schemathesis() -> PathBuf {
     run(Command::new("python3")
         .args(["-m", "venv", "--clear"])
         .arg(&venv));
-    run(Command::new(venv.join("bin/pip")).args([
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-        SCHEMATHESIS,
-    ]));
-    std::fs::write(&version, SCHEMATHESIS).unwrap();
-    binary
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet", "--disable-pip-version-check"])
+        .args(requirements));
+    std::fs::write(&marker, wanted).unwrap();
+    venv
+}
+
+/// schemathesis, from its virtualenv.
+fn schemathesis() -> PathBuf {
+    virtualenv("schemathesis-venv", &[SCHEMATHESIS]).join("bin/schemathesis")
 }
 
 /// schemathesis, every operation of `/openapi.json` with every check, against a live server

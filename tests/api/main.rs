@@ -55,6 +55,7 @@ mod ecosystem;
 mod embedded_example;
 mod embedding;
 mod lifecycle;
+mod packaging;
 mod privileges;
 mod process;
 mod upgrade;
