@@ -232,7 +232,7 @@ async fn echo_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 }
 
 /// A proxy in the foreground with its files in a directory of its own; killed when dropped.
-struct Proxy {
+pub(crate) struct Proxy {
     child: std::process::Child,
     dir: tempfile::TempDir,
 }
@@ -262,15 +262,21 @@ impl Proxy {
     /// nginx running `server_block` (a `server { … }` and what it needs, in `http`), which
     /// gets `listen` as its first directive.
     fn nginx(server_block: &str, listen: SocketAddr) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path().display();
         let block =
             server_block.replacen("server {", &format!("server {{\n    listen {listen};"), 1);
+        Self::nginx_http(&block, listen)
+    }
+
+    /// nginx running `http` (the contents of its `http` block, as they are), which must
+    /// listen on `listen`; checked with `nginx -t` first.
+    pub(crate) fn nginx_http(http: &str, listen: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
              events {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
              proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{block}\n}}\n"
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{http}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         let prefix = d.to_string();
@@ -299,7 +305,7 @@ impl Proxy {
         Self::spawn(command, dir, listen)
     }
 
-    fn errors(&self) -> String {
+    pub(crate) fn errors(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 }

@@ -7,16 +7,14 @@
 //! Envoy's v3 API (the `envoy-data-plane` bindings from PyPI) before its meaning is checked.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::ecosystem::{credgate, ensure_tool, free_port, repo, report, virtualenv};
+use crate::ecosystem::{Proxy, credgate, ensure_tool, free_port, repo, report, virtualenv};
 use crate::helpers::credentials::{Pair, forged};
 use crate::helpers::server_process::ServerProcess;
 
@@ -455,60 +453,6 @@ fn compose_is_valid_and_wires_postgres_two_instances_and_nginx() {
     );
 }
 
-/// nginx running `conf` (what goes in `http`), with its files in `dir`; killed when dropped.
-struct Nginx {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-}
-
-impl Nginx {
-    fn start(conf: &str, listen: SocketAddr) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let d = dir.path().display();
-        let full = format!(
-            "daemon off;\nmaster_process off;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
-             events {{}}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  \
-             proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
-             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{conf}\n}}\n"
-        );
-        std::fs::write(dir.path().join("nginx.conf"), full).expect("write nginx.conf");
-        let prefix = d.to_string();
-        let out = Command::new("nginx")
-            .args(["-t", "-p", &prefix, "-c", "nginx.conf"])
-            .output()
-            .expect("nginx -t");
-        assert!(out.status.success(), "nginx -t: {}", report(&out));
-        let child = Command::new("nginx")
-            .args(["-p", &prefix, "-c", "nginx.conf"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let nginx = Self { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not listen: {}",
-                nginx.errors()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        nginx
-    }
-
-    fn errors(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What the stand-in API of credgate.conf answered: its `name: value` lines.
 async fn seen(resp: reqwest::Response) -> BTreeMap<String, String> {
     assert_eq!(resp.status(), StatusCode::OK);
@@ -577,7 +521,7 @@ async fn the_compose_nginx_config_authenticates_through_both_instances() {
         .replace("credgate-2:8080", &second.addr.to_string())
         .replace("listen 8000;", &format!("listen {listen};"))
         .replace("127.0.0.1:8081", &api.to_string());
-    let nginx = Nginx::start(&conf, listen);
+    let nginx = Proxy::nginx_http(&conf, listen);
 
     let client = reqwest::Client::new();
     let get = |path: &str, pair: Option<&Pair>| {
