@@ -84,8 +84,6 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         (status = 401, description = "`UNAUTHORIZED`: credential headers were sent and are not valid, or registration is closed and none were sent", body = ErrorBody),
         (status = 403, description = "`INVALID_CREDENTIAL`: `api_secret` is not the derivation of `api_key`; or `INSUFFICIENT_SCOPE`: an attribute or a scope the caller may not grant", body = ErrorBody),
         (status = 409, description = "`DUPLICATE_API_KEY`: the key is registered already, active or revoked", body = ErrorBody),
-        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
-        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: the body is not declared as JSON", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all)]
 pub(super) async fn register(
@@ -158,8 +156,6 @@ pub(super) async fn register(
         (status = 400, description = "`INVALID_FIELD`: the body or a field is malformed; the message names the field", body = ErrorBody),
         (status = 404, description = "`CREDENTIAL_NOT_FOUND`: no such credential", body = ErrorBody),
         (status = 409, description = "`CREDENTIAL_REVOKED`: a revoked credential cannot change", body = ErrorBody),
-        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
-        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: the body is not declared as JSON", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn update(
@@ -211,8 +207,6 @@ pub(super) async fn update(
         (status = 201, description = "The credential and its secret", body = WithSecret,
             headers(("Cache-Control" = String, description = "`no-store`"))),
         (status = 400, description = "`INVALID_FIELD`: the body or a field is malformed; the message names the field", body = ErrorBody),
-        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
-        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: a body not declared as JSON", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn issue(
@@ -278,8 +272,6 @@ const DEFAULT_GRACE_SECONDS: i64 = 86_400;
         (status = 400, description = "`INVALID_FIELD`: the body or `grace_seconds` is malformed", body = ErrorBody),
         (status = 404, description = "`CREDENTIAL_NOT_FOUND`: no such credential", body = ErrorBody),
         (status = 409, description = "`CREDENTIAL_REVOKED` or `CREDENTIAL_EXPIRED`", body = ErrorBody),
-        (status = 413, description = "`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes", body = ErrorBody),
-        (status = 415, description = "`UNSUPPORTED_MEDIA_TYPE`: a body not declared as JSON", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all, fields(caller = %caller.key))]
 pub(super) async fn roll(

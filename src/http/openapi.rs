@@ -175,6 +175,7 @@ pub(super) fn openapi_path(path: &str) -> String {
 /// the answers the guard, the scope check and the middleware give.
 fn complete(op: &mut serde_json::Map<String, Value>, caller: Admits) {
     let credential = |scopes: &[&str]| json!({ KEY_SCHEME: scopes, SECRET_SCHEME: [] });
+    let reads_body = op.contains_key("requestBody");
     let mut respond = |status: &str, name: &str| {
         let responses = op
             .entry("responses")
@@ -188,6 +189,11 @@ fn complete(op: &mut serde_json::Map<String, Value>, caller: Admits) {
     };
     respond("408", "Timeout");
     respond("500", "Internal");
+    // Every route that reads a body reads it through the same limit and media-type check.
+    if reads_body {
+        respond("413", "PayloadTooLarge");
+        respond("415", "UnsupportedMediaType");
+    }
     let security = match caller {
         Admits::Anyone => json!([]),
         Admits::AnyoneOrCredential => {
@@ -241,6 +247,8 @@ fn shared_responses() -> Value {
         "Unauthorized": unauthorized,
         "InsufficientScope": error("`INSUFFICIENT_SCOPE`: the credential lacks the scope this operation needs; the message names it."),
         "Timeout": error("`REQUEST_TIMEOUT`: the request took longer than `--request-timeout`."),
+        "PayloadTooLarge": error("`PAYLOAD_TOO_LARGE`: the body is over 65 536 bytes."),
+        "UnsupportedMediaType": error("`UNSUPPORTED_MEDIA_TYPE`: a body not declared as JSON."),
         "Internal": error("`INTERNAL_ERROR`: the database or the service failed; the cause is logged, never shown."),
     })
 }
@@ -316,6 +324,18 @@ mod tests {
         assert!(doc["paths"]["/audit"]["get"]["responses"]["403"].is_object());
         assert!(doc["paths"]["/credentials"]["post"]["responses"]["403"].is_object());
         assert!(doc["paths"]["/health"]["get"]["responses"]["401"].is_null());
+        // Every operation with a body answers the body limit and media type; none other.
+        for (path, method) in [
+            ("/credentials", "post"),
+            ("/credentials/{api_key}/roll", "post"),
+        ] {
+            let responses = &doc["paths"][path][method]["responses"];
+            assert!(
+                responses["413"].is_object() && responses["415"].is_object(),
+                "{path}"
+            );
+        }
+        assert!(doc["paths"]["/audit"]["get"]["responses"]["415"].is_null());
     }
 }
 

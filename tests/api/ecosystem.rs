@@ -349,16 +349,10 @@ async fn forward_auth_holds(
     hits: &AtomicUsize,
     forwards_owner: bool,
 ) {
-    let client = reqwest::Client::new();
-    let get = |path: &str, pair: Option<&Pair>| {
-        let mut req = client.get(format!("http://{listen}{path}"));
-        if let Some(pair) = pair {
-            req = req
-                .header("X-Api-Key", &pair.key)
-                .header("X-Api-Secret", &pair.secret);
-        }
-        req
-    };
+    // Requests go to the proxy, with the credential headers when a pair is given.
+    let proxy_client = crate::helpers::client::Client::new(listen);
+    let get =
+        |path: &str, pair: Option<&Pair>| proxy_client.request(reqwest::Method::GET, path, pair);
     let admin = credgate.registered().await;
     let customer = credgate
         .registered_with(

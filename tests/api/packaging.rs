@@ -523,16 +523,10 @@ async fn the_compose_nginx_config_authenticates_through_both_instances() {
         .replace("127.0.0.1:8081", &api.to_string());
     let nginx = Proxy::nginx_http(&conf, listen);
 
-    let client = reqwest::Client::new();
-    let get = |path: &str, pair: Option<&Pair>| {
-        let mut req = client.get(format!("http://{listen}{path}"));
-        if let Some(pair) = pair {
-            req = req
-                .header("X-Api-Key", &pair.key)
-                .header("X-Api-Secret", &pair.secret);
-        }
-        req
-    };
+    // Requests go to the proxy, with the credential headers when a pair is given.
+    let proxy_client = crate::helpers::client::Client::new(listen);
+    let get =
+        |path: &str, pair: Option<&Pair>| proxy_client.request(reqwest::Method::GET, path, pair);
     let admin = first.registered().await;
     let customer = first
         .registered_with(
