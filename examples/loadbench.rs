@@ -277,6 +277,8 @@ async fn main() -> anyhow::Result<()> {
     let seconds = env_or("SECONDS", 5);
     let conns = env_or("CONNS", 32);
     let dir = tempfile::tempdir()?;
+    // KEEP=1 leaves the seeded database and the wrk scripts behind, for profiling.
+    let kept = (env_or("KEEP", 0) == 1).then(|| dir.path().to_owned());
     let d = dir.path();
     std::fs::write(d.join("master.key"), format!("{MASTER_HEX}\n"))?;
     let deriver = SecretDeriver::new(&MasterKey::from_hex(MASTER_HEX)?);
@@ -626,5 +628,9 @@ end"#,
         "| < 64 MiB RSS with 100 000 cached credentials | {rss_mib:.1} MiB | {} |",
         verdict(rss_mib < 64.0)
     );
+    if let Some(kept) = kept {
+        let _ = dir.keep();
+        eprintln!("kept {}", kept.display());
+    }
     Ok(())
 }

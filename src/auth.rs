@@ -6,9 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use moka::future::Cache;
 use prometheus::IntCounter;
 use tokio::sync::broadcast;
 
@@ -97,6 +96,9 @@ struct Entry {
     profile: Profile,
     /// `expires_at` in milliseconds since the epoch; `i64::MAX` when it never expires.
     expires_ms: i64,
+    /// When the entry stops being trusted (the cache's TTL), in milliseconds of the
+    /// authenticator's monotonic clock ([`Inner::clock_ms`]).
+    stale_ms: u64,
     /// The derivation of the key checked when the entry was made, under the master keys in
     /// use then (the cache is emptied when they change): a hit compares the presented secret
     /// with it in constant time instead of computing the HMAC again.
@@ -299,6 +301,10 @@ impl Learnt {
     }
 }
 
+/// The positive-answer cache.
+type Cache =
+    quick_cache::sync::Cache<ApiKey, Entry, quick_cache::UnitWeighter, foldhash::fast::RandomState>;
+
 /// Authenticates requests. Cheap to clone: clones share the cache.
 #[derive(Clone)]
 pub struct Authenticator {
@@ -313,7 +319,13 @@ struct Inner {
     /// Keys known active; `None` when caching is disabled. Hashed with foldhash rather than
     /// SipHash: only keys whose secret passed the HMAC check get here, so nobody without the
     /// master key can choose colliding keys.
-    cache: Option<Cache<ApiKey, Entry, foldhash::fast::RandomState>>,
+    /// quick_cache rather than moka: a hit is one read lock and a hash probe, and an entry
+    /// costs a few dozen bytes besides its value (SPEC §6: 100 000 of them in < 64 MiB).
+    cache: Option<Cache>,
+    /// How long an entry is trusted.
+    ttl_ms: u64,
+    /// The origin of [`Inner::clock_ms`].
+    started: Instant,
     /// Shares scope sets between cached credentials.
     scope_sets: Interner<ScopeSet>,
     /// Bumped on every invalidation, so a lookup that raced a revocation does not cache
@@ -351,11 +363,16 @@ impl Authenticator {
         metrics: Metrics,
     ) -> Self {
         let last_used = cache.last_used_interval;
-        let cache = (!cache.ttl.is_zero() && cache.capacity > 0).then(|| {
-            Cache::builder()
-                .max_capacity(cache.capacity)
-                .time_to_live(cache.ttl)
-                .build_with_hasher(foldhash::fast::RandomState::default())
+        let ttl_ms = u64::try_from(cache.ttl.as_millis()).unwrap_or(u64::MAX);
+        let cache = (ttl_ms > 0 && cache.capacity > 0).then(|| {
+            let capacity = usize::try_from(cache.capacity).unwrap_or(usize::MAX);
+            Cache::with(
+                capacity,
+                cache.capacity,
+                quick_cache::UnitWeighter,
+                foldhash::fast::RandomState::default(),
+                quick_cache::sync::DefaultLifecycle::default(),
+            )
         });
         let changes = store.subscribe();
         let wake = Arc::new(tokio::sync::Notify::new());
@@ -364,6 +381,8 @@ impl Authenticator {
             keys: arc_swap::ArcSwap::from_pointee(keys.into()),
             store,
             cache,
+            ttl_ms,
+            started: Instant::now(),
             scope_sets: Interner::default(),
             epoch: AtomicU64::new(0),
             metrics,
@@ -423,39 +442,50 @@ impl Authenticator {
         // The derivation is checked first on every path: against the cached derivation on a
         // hit (one constant-time compare), by HMAC otherwise. A forged secret costs the HMAC
         // whether or not its key is cached, and never reaches the database.
-        let entry = match cache.get(&key).await {
-            Some(entry) if entry.secret.same_as(&secret) => {
+        let now = self.inner.clock_ms();
+        let entry = match cache.get(&key) {
+            Some(entry) if entry.stale_ms > now && entry.secret.same_as(&secret) => {
                 self.inner.metrics.cache_hit();
                 entry
             }
             // Another configured master key may have derived this secret.
-            Some(entry) => {
+            Some(entry) if entry.stale_ms > now => {
                 self.verify_derivation(&key, &secret)?;
                 self.inner.metrics.cache_hit();
                 entry
             }
-            None => {
+            // Missing, or past the TTL: read again.
+            _ => {
                 // Read before the derivation is checked: a change of master keys after it
                 // makes the answer's cached derivation suspect, and the entry is dropped.
                 let epoch = self.inner.epoch.load(Ordering::Acquire);
                 self.verify_derivation(&key, &secret)?;
                 self.inner.metrics.cache_miss();
-                // Concurrent misses on one key share this one lookup; errors are not cached.
-                let entry = cache
-                    .entry(key.clone())
-                    .or_try_insert_with(self.load(&key, &secret))
-                    .await
-                    .map_err(|e| (*e).clone())?;
-                if entry.is_fresh() && self.inner.epoch.load(Ordering::Acquire) != epoch {
-                    // A change landed while we were reading: the answer may predate it.
-                    cache.invalidate(&key).await;
+                // Concurrent misses on one key share this one lookup: the others wait on
+                // the guard. Errors are not cached (dropping the guard lets one retry).
+                match cache.get_value_or_guard_async(&key).await {
+                    Ok(entry) if entry.stale_ms > self.inner.clock_ms() => entry,
+                    found => {
+                        let entry = self.load(&key, &secret).await?;
+                        match found {
+                            Err(guard) => {
+                                let _ = guard.insert(entry.clone());
+                            }
+                            Ok(_) => cache.insert(key.clone(), entry.clone()),
+                        }
+                        if self.inner.epoch.load(Ordering::Acquire) != epoch {
+                            // A change landed while we were reading: the answer may
+                            // predate it.
+                            cache.remove(&key);
+                        }
+                        entry
+                    }
                 }
-                entry.into_value()
             }
         };
         // No cache trusts an entry past its credential's expiry (SPEC §7.5).
         if entry.is_expired() {
-            cache.invalidate(&key).await;
+            cache.remove(&key);
             return Err(AuthOutcome::RejectedExpired);
         }
         Ok(Caller {
@@ -538,7 +568,7 @@ impl Authenticator {
 
     /// The number of cached credentials (approximate, for metrics).
     pub fn cached(&self) -> u64 {
-        self.inner.cache.as_ref().map_or(0, |c| c.entry_count())
+        self.inner.cache.as_ref().map_or(0, |c| c.len() as u64)
     }
 
     /// The master keys secrets are checked with (the first mints).
@@ -556,12 +586,18 @@ impl Authenticator {
         // read under the old keys; the epoch makes it drop that answer.)
         self.inner.epoch.fetch_add(1, Ordering::AcqRel);
         if let Some(cache) = &self.inner.cache {
-            cache.invalidate_all();
+            cache.clear();
         }
     }
 }
 
 impl Inner {
+    /// Milliseconds since the authenticator started, on a monotonic clock: a TTL that a
+    /// wall-clock step cannot stretch.
+    fn clock_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// What is queued for writing: the store, the keys used (starting a new interval when
     /// `next_interval`) and the learnt master key ids.
     fn learnt(&self, next_interval: bool) -> Learnt {
@@ -601,6 +637,7 @@ impl Inner {
                 owner: record.owner.as_deref().map(Owner::new),
             },
             expires_ms,
+            stale_ms: self.clock_ms().saturating_add(self.ttl_ms),
             secret,
         })
     }
@@ -633,10 +670,10 @@ impl Inner {
         match change {
             Change::Key(key) => {
                 if let Ok(key) = ApiKey::parse(&key) {
-                    cache.invalidate(&key).await;
+                    cache.remove(&key);
                 }
             }
-            Change::All => cache.invalidate_all(),
+            Change::All => cache.clear(),
         }
     }
 }

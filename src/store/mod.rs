@@ -327,7 +327,7 @@ pub struct ListQuery {
 #[derive(Debug, Clone)]
 pub struct StoreError {
     context: Arc<str>,
-    cause: Option<Arc<sqlx::Error>>,
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
     /// The database refused this one statement (a constraint or an operator's trigger);
     /// the database itself is fine and other writes may go on.
     statement: bool,
@@ -383,6 +383,22 @@ impl From<sqlx::Error> for StoreError {
             }),
             _ => false,
         };
+        Self {
+            context: "database error".into(),
+            cause: Some(Arc::new(e)),
+            statement,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        // The same primary result codes as for sqlx's SQLite errors above.
+        let statement = matches!(
+            &e,
+            rusqlite::Error::SqliteFailure(failure, _)
+                if matches!(failure.extended_code & 0xff, 18 | 19 | 20 | 25)
+        );
         Self {
             context: "database error".into(),
             cause: Some(Arc::new(e)),

@@ -2,8 +2,9 @@
 //!
 //! Writes go through one writer task that owns one connection and commits every write that
 //! is waiting in a single transaction (one fsync for the batch); each caller is answered only
-//! after that commit. Reads use a small pool. A watcher polls `PRAGMA data_version` and, when
-//! another connection committed, reads the `api_credential_change` log to drop changed keys.
+//! after that commit. Reads use a small pool; the cache-miss read has its own connections
+//! ([`lookups`]). A watcher polls `PRAGMA data_version` and, when another connection
+//! committed, reads the `api_credential_change` log to drop changed keys.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +31,8 @@ use crate::audit::{Event, EventQuery, Origin};
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 use chrono::{DateTime, Utc};
+
+mod lookups;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -144,6 +147,8 @@ pub struct SqliteStore {
     change_poll_interval: Duration,
     /// For connections made after opening: never creates the file.
     connect: SqliteConnectOptions,
+    /// The cache-miss read's own connections.
+    lookups: Arc<lookups::Lookups>,
     metrics: Metrics,
 }
 
@@ -193,6 +198,12 @@ impl SqliteStore {
                 .map_err(|e| {
                     anyhow::anyhow!("cannot read SQLite database {}: {e}", path.display())
                 })?;
+        let lookups = lookups::Lookups::open(
+            path,
+            options.read_connections as usize,
+            options.busy_timeout,
+        )
+        .map_err(|e| anyhow::anyhow!("cannot open SQLite database {}: {e}", path.display()))?;
         // Reconnecting must never create a fresh, empty database in place of a deleted one.
         let reopen = connect.clone().create_if_missing(false);
         let (tx, rx) = mpsc::channel(options.max_batch * 4);
@@ -219,6 +230,7 @@ impl SqliteStore {
             opened_at_seq,
             change_poll_interval: options.change_poll_interval,
             connect: reopen,
+            lookups: Arc::new(lookups),
             metrics,
         })
     }
@@ -1010,17 +1022,13 @@ impl CredentialStore for SqliteStore {
     }
 
     async fn lookup(&self, key: &ApiKey) -> Result<Option<AuthRecord>, StoreError> {
-        Ok(timed(
-            &self.metrics,
-            "state",
-            sqlx::query_as(
-                "SELECT active, scopes, owner, expires_at, master_key_id FROM api_credential \
-                 WHERE api_key = ?",
-            )
-            .bind(key.as_str())
-            .fetch_optional(&self.reads),
-        )
-        .await?)
+        let started = Instant::now();
+        // On the calling thread: a point read of one indexed row takes microseconds, less
+        // than handing it to another thread and back (`spawn_blocking` halved the miss
+        // throughput; see BENCHMARKS.md).
+        let found = self.lookups.lookup(key.as_str());
+        self.metrics.observe_db("state", started);
+        Ok(found?)
     }
 
     async fn get(&self, key: &ApiKey) -> Result<Option<CredentialRecord>, StoreError> {
@@ -1101,6 +1109,7 @@ impl CredentialStore for SqliteStore {
             tracing::error!(error = %e, "the SQLite writer task failed");
         }
         self.reads.close().await;
+        self.lookups.close();
     }
 }
 

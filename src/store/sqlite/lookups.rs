@@ -1,0 +1,160 @@
+//! The cache-miss read, `lookup`, on its own connections: rusqlite, one prepared statement
+//! per connection, run on the calling thread. Through sqlx every SQLite query is two
+//! hand-offs to the connection's own thread; for a point read of one indexed row that was
+//! most of the cost of a cache miss.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+
+use crate::store::AuthRecord;
+
+const LOOKUP: &str = "SELECT active, scopes, owner, expires_at, master_key_id FROM api_credential \
+                      WHERE api_key = ?1";
+
+/// Page cache of each lookup connection, as SQLite's `cache_size` (negative: KiB). Large
+/// enough for the interior pages of the table and its key index at millions of rows, so a
+/// lookup reads only its two leaf pages from the OS. Lookups run on the runtime's threads,
+/// so about one connection per thread is in use.
+const LOOKUP_CACHE_KIB: i64 = -4096;
+
+/// A small pool of read-only connections for `lookup`.
+pub(super) struct Lookups {
+    path: PathBuf,
+    /// Idle connections; a lookup takes one, or opens one when none is idle.
+    idle: Mutex<Vec<Connection>>,
+    /// Most idle connections kept.
+    keep: usize,
+    busy_timeout: Duration,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Lookups {
+    /// Opens one connection now, so a missing or unreadable file fails at start.
+    pub(super) fn open(path: &Path, keep: usize, busy_timeout: Duration) -> rusqlite::Result<Self> {
+        let lookups = Self {
+            path: path.to_owned(),
+            idle: Mutex::new(Vec::with_capacity(keep)),
+            keep: keep.max(1),
+            busy_timeout,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        };
+        let first = lookups.connect()?;
+        lookups.idle().push(first);
+        Ok(lookups)
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Connection>> {
+        // A vector of connections: a panic elsewhere cannot leave it half-updated.
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn connect(&self) -> rusqlite::Result<Connection> {
+        // Never creates the file: a deleted database is an error, not a fresh empty one.
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(self.busy_timeout)?;
+        conn.pragma_update(None, "query_only", true)?;
+        conn.pragma_update(None, "cache_size", LOOKUP_CACHE_KIB)?;
+        Ok(conn)
+    }
+
+    /// What authentication needs of `key`; `None` when it was never registered.
+    pub(super) fn lookup(&self, key: &str) -> rusqlite::Result<Option<AuthRecord>> {
+        let taken = self.idle().pop();
+        let conn = match taken {
+            Some(conn) => conn,
+            None => self.connect()?,
+        };
+        let found = conn.prepare_cached(LOOKUP).and_then(|mut statement| {
+            statement
+                .query_row([key], |row| {
+                    Ok(AuthRecord {
+                        active: row.get(0)?,
+                        scopes: row.get(1)?,
+                        owner: row.get(2)?,
+                        expires_at: row
+                            .get::<_, Option<String>>(3)?
+                            .map(|text| parse_time(&text))
+                            .transpose()
+                            .map_err(|e| {
+                                rusqlite::Error::FromSqlConversionFailure(
+                                    3,
+                                    rusqlite::types::Type::Text,
+                                    e.into(),
+                                )
+                            })?,
+                        master_key_id: row.get(4)?,
+                    })
+                })
+                .optional()
+        });
+        // A connection whose query failed is dropped: the next lookup opens a fresh one
+        // (the file may have been replaced, or a lock left behind).
+        if found.is_ok() && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            let mut idle = self.idle();
+            if idle.len() < self.keep {
+                idle.push(conn);
+            }
+        }
+        found
+    }
+
+    /// Closes every idle connection; lookups after it open and drop their own.
+    pub(super) fn close(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.idle().clear();
+    }
+}
+
+/// A stored time, in the formats SQLite's date functions and sqlx write: RFC 3339 (what
+/// credgate writes), or `YYYY-MM-DD HH:MM:SS[.fff]` in UTC (what an operator's
+/// `datetime('now', '+1 day')` writes).
+fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(text) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+    ] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(text, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(t) = DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%:z") {
+        return Ok(t.with_timezone(&Utc));
+    }
+    Err(format!("{text:?} is not a time"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn stored_times_are_read_in_every_format_sqlite_writes() {
+        let at = "2030-01-02T03:04:05Z";
+        let expect = chrono::DateTime::parse_from_rfc3339(at).map(|t| t.to_utc());
+        for text in [
+            "2030-01-02T03:04:05Z",
+            "2030-01-02T03:04:05.000Z",
+            "2030-01-02T05:04:05+02:00",
+            "2030-01-02 03:04:05",
+            "2030-01-02 03:04:05.000",
+            "2030-01-02T03:04:05",
+            "2030-01-02 05:04:05+02:00",
+        ] {
+            assert_eq!(parse_time(text).ok(), expect.ok(), "{text}");
+        }
+        assert!(parse_time("tomorrow").is_err());
+        assert!(parse_time("").is_err());
+    }
+}
