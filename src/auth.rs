@@ -182,9 +182,15 @@ pub struct CacheSettings {
 /// Slots of the last-used notes: a power of two.
 const USAGE_SLOTS: usize = 1 << 14;
 
-/// Keys queued before the flusher writes them without waiting for the interval to end, so
-/// the queue stays small (100 000 keys used in one interval would hold megabytes).
-const USAGE_BATCH: usize = 1_000;
+/// Keys queued before the flusher writes them without waiting for the interval to end: a
+/// bound on the queue's memory (about 8 MiB). Below it, every key is written once per
+/// interval, at its end.
+const USAGE_BATCH: usize = 100_000;
+
+/// Keys written per `touch`, in key order: each is one write of the store's writer, so
+/// other writes are not held behind a whole interval's keys, and in key order the rows of
+/// one chunk share pages.
+const TOUCH_CHUNK: usize = 5_000;
 
 /// Which credentials authenticated in the current interval (SPEC §8.4), noted at the cost of
 /// one hash and one relaxed atomic load per authentication; the first use of a key in an
@@ -222,7 +228,10 @@ impl Usage {
         if slot.load(Ordering::Relaxed) != mark {
             slot.store(mark, Ordering::Relaxed);
             let mut pending = self.pending();
-            pending.insert(key.clone());
+            // Keys sharing a slot come back here; the set keeps each once per interval.
+            if !pending.contains(key) {
+                pending.insert(key.clone());
+            }
             if pending.len() == USAGE_BATCH {
                 self.full.notify_one();
             }
@@ -283,11 +292,17 @@ impl Learnt {
     /// Writes the batch. Coarse by design: a failed write is logged and not retried; the next
     /// use of each key is noted again, and its id learnt at its next miss.
     async fn write(self) {
-        let Self { store, keys, ids } = self;
-        if !keys.is_empty()
-            && let Err(e) = store.touch(&keys, chrono::Utc::now()).await
-        {
-            tracing::warn!(error = %e.report(), keys = keys.len(), "cannot write last_used_at");
+        let Self {
+            store,
+            mut keys,
+            ids,
+        } = self;
+        keys.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        let at = chrono::Utc::now();
+        for chunk in keys.chunks(TOUCH_CHUNK) {
+            if let Err(e) = store.touch(chunk, at).await {
+                tracing::warn!(error = %e.report(), keys = chunk.len(), "cannot write last_used_at");
+            }
         }
         let mut by_id: std::collections::HashMap<String, Vec<ApiKey>> = Default::default();
         for (key, id) in ids {
