@@ -328,6 +328,40 @@ contract_tests!(
     the_database_refuses_reactivation_and_keeps_revoked_rows,
 );
 
+/// An expiry an operator writes with SQLite's own date functions (`YYYY-MM-DD HH:MM:SS`, not
+/// RFC 3339) is read by the authentication path like one credgate wrote.
+#[tokio::test]
+async fn an_expiry_written_by_hand_in_sqlite_format_is_honoured() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let past = app.registered().await;
+    let future = app.registered().await;
+    app.sql(&format!(
+        "UPDATE api_credential SET expires_at = datetime('now', '-1 minute') WHERE api_key = '{}'",
+        past.key
+    ))
+    .await;
+    app.sql(&format!(
+        "UPDATE api_credential SET expires_at = datetime('now', '+1 day') WHERE api_key = '{}'",
+        future.key
+    ))
+    .await;
+    assert_eq!(app.verify(&past).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        app.metric("credgate_auth_results_total{result=\"rejected_expired\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(app.verify(&future).await, StatusCode::NO_CONTENT);
+    // Text that is no time is a database fault (500), never a pass or a silent 401.
+    app.sql(&format!(
+        "UPDATE api_credential SET expires_at = 'tomorrow' WHERE api_key = '{}'",
+        past.key
+    ))
+    .await;
+    let resp = app.send(Method::GET, "/auth/verify", Some(&past)).await;
+    assert_error(resp, StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR").await;
+}
+
 // ---- Group commit (SQLite) -------------------------------------------------------------
 
 fn pair_for(key: &str) -> Pair {
