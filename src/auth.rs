@@ -12,7 +12,7 @@ use prometheus::IntCounter;
 use tokio::sync::broadcast;
 
 use crate::attributes::{Interner, ScopeSet};
-use crate::credential::{ApiKey, ApiSecret, KeyRing};
+use crate::credential::{ApiKey, ApiSecret, EncodedSecret, KeyRing};
 use crate::store::{AbortOnDrop, AuthRecord, Change, CredentialStore, StoreError};
 use crate::telemetry::Metrics;
 
@@ -102,7 +102,7 @@ struct Entry {
     /// The derivation of the key checked when the entry was made, under the master keys in
     /// use then (the cache is emptied when they change): a hit compares the presented secret
     /// with it in constant time instead of computing the HMAC again.
-    secret: ApiSecret,
+    secret: EncodedSecret,
 }
 
 impl Entry {
@@ -442,10 +442,10 @@ impl Authenticator {
         let key = key
             .and_then(|v| ApiKey::parse(v).ok())
             .ok_or(AuthOutcome::RejectedForm)?;
-        let secret = secret
-            .and_then(|v| ApiSecret::parse(v).ok())
-            .ok_or(AuthOutcome::RejectedForm)?;
+        let presented = secret.ok_or(AuthOutcome::RejectedForm)?;
+        let parse = || ApiSecret::parse(presented).map_err(|_| AuthOutcome::RejectedForm);
         let Some(cache) = &self.inner.cache else {
+            let secret = parse()?;
             self.verify_derivation(&key, &secret)?;
             self.inner.metrics.cache_miss();
             let entry = self.load(&key, &secret).await?;
@@ -455,17 +455,19 @@ impl Authenticator {
             });
         };
         // The derivation is checked first on every path: against the cached derivation on a
-        // hit (one constant-time compare), by HMAC otherwise. A forged secret costs the HMAC
-        // whether or not its key is cached, and never reaches the database.
+        // hit (one constant-time compare of the text as sent: the canonical encoding is the
+        // only well-formed one, so an equal value needs no decoding), by HMAC otherwise. A
+        // forged secret costs the HMAC whether or not its key is cached, and never reaches
+        // the database.
         let now = self.inner.clock_ms();
         let entry = match cache.get(&key) {
-            Some(entry) if entry.stale_ms > now && entry.secret.same_as(&secret) => {
+            Some(entry) if entry.stale_ms > now && entry.secret.is(presented) => {
                 self.inner.metrics.cache_hit();
                 entry
             }
             // Another configured master key may have derived this secret.
             Some(entry) if entry.stale_ms > now => {
-                self.verify_derivation(&key, &secret)?;
+                self.verify_derivation(&key, &parse()?)?;
                 self.inner.metrics.cache_hit();
                 entry
             }
@@ -474,6 +476,7 @@ impl Authenticator {
                 // Read before the derivation is checked: a change of master keys after it
                 // makes the answer's cached derivation suspect, and the entry is dropped.
                 let epoch = self.inner.epoch.load(Ordering::Acquire);
+                let secret = parse()?;
                 self.verify_derivation(&key, &secret)?;
                 self.inner.metrics.cache_miss();
                 // Concurrent misses on one key share this one lookup: the others wait on
@@ -653,7 +656,7 @@ impl Inner {
             },
             expires_ms,
             stale_ms: self.clock_ms().saturating_add(self.ttl_ms),
-            secret,
+            secret: secret.encoded(),
         })
     }
 

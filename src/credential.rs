@@ -144,9 +144,61 @@ impl ApiSecret {
         words(&self.0).ct_eq(&words(&other.0)).into()
     }
 
+    /// The canonical encoding without its prefix: what a cache keeps to recognise this
+    /// secret as presented, without decoding it.
+    pub fn encoded(&self) -> EncodedSecret {
+        let mut text = [0u8; ENCODED_WORDS * 8];
+        // 32 bytes encode to exactly 43 characters; the rest stays zero.
+        let _ = URL_SAFE_NO_PAD.encode_slice(self.0, &mut text[..SECRET_CHARS]);
+        EncodedSecret(text_words(&text))
+    }
+
     /// The secret in its canonical string form. Only for showing it to its owner.
     pub fn expose(&self) -> String {
         format!("{SECRET_PREFIX}{}", URL_SAFE_NO_PAD.encode(self.0))
+    }
+}
+
+/// A secret's canonical text after `sk_`. The only well-formed presentation of a secret is
+/// `sk_` + exactly this text, so a presented value equal to it needs no parsing.
+/// Kept as words, zero-padded, so the comparison is six word compares rather than 43 byte
+/// compares each behind an optimisation barrier.
+#[derive(Clone)]
+pub struct EncodedSecret([u64; ENCODED_WORDS]);
+
+/// Words of an [`EncodedSecret`]: 43 characters, zero-padded to 48 bytes.
+const ENCODED_WORDS: usize = 6;
+
+impl EncodedSecret {
+    /// Whether `presented` (a header value as sent) is this secret, compared in constant
+    /// time. Anything else — another secret, a malformed value — is `false`. (Its length
+    /// is compared first: the length of a well-formed secret is public.)
+    pub fn is(&self, presented: &str) -> bool {
+        let Some(text) = presented.strip_prefix(SECRET_PREFIX) else {
+            return false;
+        };
+        if text.len() != SECRET_CHARS {
+            return false;
+        }
+        let mut padded = [0u8; ENCODED_WORDS * 8];
+        padded[..SECRET_CHARS].copy_from_slice(text.as_bytes());
+        text_words(&padded).ct_eq(&self.0).into()
+    }
+}
+
+fn text_words(bytes: &[u8; ENCODED_WORDS * 8]) -> [u64; ENCODED_WORDS] {
+    let mut out = [0u64; ENCODED_WORDS];
+    for (word, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(chunk);
+        *word = u64::from_le_bytes(b);
+    }
+    out
+}
+
+impl fmt::Debug for EncodedSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EncodedSecret(<redacted>)")
     }
 }
 
@@ -442,6 +494,31 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.as_str().len(), 3 + 32);
         assert_eq!(ApiKey::parse(a.as_str()), Ok(a));
+    }
+
+    #[test]
+    fn an_encoded_secret_recognises_exactly_its_canonical_text() {
+        let good = "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo";
+        let encoded = ApiSecret::parse(good).unwrap().encoded();
+        assert!(encoded.is(good));
+        for other in [
+            // The same bytes under a lenient decoder, but not the canonical text.
+            "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOp",
+            // Another secret, one character apart at the start.
+            "sk_y3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo",
+            "x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo",
+            "ak_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo",
+            "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvO",
+            "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo\0",
+            "sk_",
+            "",
+        ] {
+            assert!(!encoded.is(other), "{other:?}");
+        }
+        let key = ApiKey::generate();
+        let derived = SecretDeriver::new(&MasterKey::from_bytes([3; 32])).secret_for(&key);
+        assert!(derived.encoded().is(&derived.expose()));
+        assert!(!derived.encoded().is(good));
     }
 
     #[test]
