@@ -10,7 +10,8 @@
 //! 100 000 cached credentials on a fresh server. Prints one markdown table.
 //!
 //! Environment: `ROUNDS` (3), `REPS` (6 interleaved runs of the cheap cases per round),
-//! `SHORT_SECONDS` (2, per cheap run), `SECONDS` (5, other cases), `CONNS` (32).
+//! `SHORT_SECONDS` (2, per cheap run), `SECONDS` (5, other cases), `CONNS` (32), `KEEP` (1
+//! leaves the seeded database and the wrk scripts in the directory it prints, to profile).
 
 #[path = "../benches/support/seed.rs"]
 mod seed;
