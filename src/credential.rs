@@ -141,7 +141,9 @@ impl ApiSecret {
 
     /// Whether this is the same secret as `other`, compared in constant time.
     pub fn same_as(&self, other: &ApiSecret) -> bool {
-        words(&self.0).ct_eq(&words(&other.0)).into()
+        words::<32, 4>(&self.0)
+            .ct_eq(&words::<32, 4>(&other.0))
+            .into()
     }
 
     /// The canonical encoding without its prefix: what a cache keeps to recognise this
@@ -150,7 +152,7 @@ impl ApiSecret {
         let mut text = [0u8; ENCODED_WORDS * 8];
         // 32 bytes encode to exactly 43 characters; the rest stays zero.
         let _ = URL_SAFE_NO_PAD.encode_slice(self.0, &mut text[..SECRET_CHARS]);
-        EncodedSecret(text_words(&text))
+        EncodedSecret(words(&text))
     }
 
     /// The secret in its canonical string form. Only for showing it to its owner.
@@ -182,18 +184,10 @@ impl EncodedSecret {
         }
         let mut padded = [0u8; ENCODED_WORDS * 8];
         padded[..SECRET_CHARS].copy_from_slice(text.as_bytes());
-        text_words(&padded).ct_eq(&self.0).into()
+        words::<{ ENCODED_WORDS * 8 }, ENCODED_WORDS>(&padded)
+            .ct_eq(&self.0)
+            .into()
     }
-}
-
-fn text_words(bytes: &[u8; ENCODED_WORDS * 8]) -> [u64; ENCODED_WORDS] {
-    let mut out = [0u64; ENCODED_WORDS];
-    for (word, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        *word = u64::from_le_bytes(b);
-    }
-    out
 }
 
 impl fmt::Debug for EncodedSecret {
@@ -392,8 +386,10 @@ impl fmt::Debug for SecretDeriver {
     }
 }
 
-fn words(bytes: &[u8; 32]) -> [u64; 4] {
-    let mut out = [0u64; 4];
+/// Bytes as little-endian words, for constant-time comparison a word at a time.
+fn words<const BYTES: usize, const WORDS: usize>(bytes: &[u8; BYTES]) -> [u64; WORDS] {
+    const { assert!(BYTES == WORDS * 8) };
+    let mut out = [0u64; WORDS];
     for (word, chunk) in out.iter_mut().zip(bytes.chunks_exact(8)) {
         let mut b = [0u8; 8];
         b.copy_from_slice(chunk);
