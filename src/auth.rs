@@ -297,7 +297,7 @@ impl Learnt {
             mut keys,
             ids,
         } = self;
-        keys.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        keys.sort_unstable();
         let at = chrono::Utc::now();
         for chunk in keys.chunks(TOUCH_CHUNK) {
             if let Err(e) = store.touch(chunk, at).await {
@@ -461,13 +461,11 @@ impl Authenticator {
         // the database.
         let now = self.inner.clock_ms();
         let entry = match cache.get(&key) {
-            Some(entry) if entry.stale_ms > now && entry.secret.is(presented) => {
-                self.inner.metrics.cache_hit();
-                entry
-            }
-            // Another configured master key may have derived this secret.
             Some(entry) if entry.stale_ms > now => {
-                self.verify_derivation(&key, &parse()?)?;
+                // A different secret may still be derived by another configured master key.
+                if !entry.secret.is(presented) {
+                    self.verify_derivation(&key, &parse()?)?;
+                }
                 self.inner.metrics.cache_hit();
                 entry
             }

@@ -266,9 +266,7 @@ impl Metrics {
 
     /// Records the latency of one database operation.
     pub fn observe_db(&self, op: &str, started: Instant) {
-        self.0
-            .db_seconds
-            .with_label_values(&[op])
+        self.db_histogram(op)
             .observe(started.elapsed().as_secs_f64());
     }
 

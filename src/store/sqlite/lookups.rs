@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -23,7 +24,7 @@ pub(super) struct Lookups {
     /// Most idle connections kept.
     keep: usize,
     busy_timeout: Duration,
-    closed: std::sync::atomic::AtomicBool,
+    closed: AtomicBool,
 }
 
 impl Lookups {
@@ -34,7 +35,7 @@ impl Lookups {
             idle: Mutex::new(Vec::with_capacity(keep)),
             keep: keep.max(1),
             busy_timeout,
-            closed: std::sync::atomic::AtomicBool::new(false),
+            closed: AtomicBool::new(false),
         };
         let first = lookups.connect()?;
         lookups.idle().push(first);
@@ -92,7 +93,7 @@ impl Lookups {
         });
         // A connection whose query failed is dropped: the next lookup opens a fresh one
         // (the file may have been replaced, or a lock left behind).
-        if found.is_ok() && !self.closed.load(std::sync::atomic::Ordering::Acquire) {
+        if found.is_ok() && !self.closed.load(Ordering::Acquire) {
             let mut idle = self.idle();
             if idle.len() < self.keep {
                 idle.push(conn);
@@ -103,8 +104,7 @@ impl Lookups {
 
     /// Closes every idle connection; lookups after it open and drop their own.
     pub(super) fn close(&self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.closed.store(true, Ordering::Release);
         self.idle().clear();
     }
 }
