@@ -112,7 +112,7 @@ impl Lookups {
 /// A stored time, in the formats SQLite's date functions and sqlx write: RFC 3339 (what
 /// credgate writes), or `YYYY-MM-DD HH:MM:SS[.fff]` in UTC (what an operator's
 /// `datetime('now', '+1 day')` writes).
-fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
+pub(super) fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(text) {
         return Ok(t.with_timezone(&Utc));
     }

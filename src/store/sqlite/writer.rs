@@ -1,0 +1,707 @@
+//! The one writer: a thread of its own with its own rusqlite connection, which commits every
+//! write waiting in its queue in one transaction (one fsync for the batch) and answers each
+//! caller only after that commit. A whole batch, `BEGIN` to `COMMIT`, runs on this thread
+//! without a hand-off: through an async driver each statement waited for the runtime to
+//! schedule the writer again, behind the very requests whose writes it was holding.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::lookups::parse_time;
+use super::{FileIdentity, WriteHealth};
+use crate::attributes::format_time;
+use crate::audit::{NewEvent, Origin};
+use crate::credential::ApiKey;
+use crate::store::{
+    CredentialRow, NewCredential, Registration, Revocation, Rolled, StoreError, Update, Updated,
+    credential_columns,
+};
+use crate::telemetry::Metrics;
+
+/// How often the writer, while writes are failing, tries a probe write to find out whether
+/// the database accepts them again (and, when healthy, checks the file is still in place).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Prepared statements kept per connection: every statement the writer runs, with room.
+const STATEMENT_CACHE: usize = 32;
+
+/// What the writer's queue carries.
+pub(super) enum Message {
+    Write(WriteOp),
+    /// Commit (and answer) what is queued, then stop.
+    Close,
+}
+
+/// One write, with the channel its caller waits on.
+pub(super) enum WriteOp {
+    Register {
+        new: Box<NewCredential>,
+        /// Its columns and event as text, made by the caller: the writer is one thread
+        /// for every write, so what can be done before it is done before it.
+        row: Box<RowText>,
+        event: Box<EventRow>,
+        reply: oneshot::Sender<Result<Registration, StoreError>>,
+    },
+    Update {
+        key: ApiKey,
+        update: Box<Update>,
+        origin: Box<Origin>,
+        reply: oneshot::Sender<Result<Updated, StoreError>>,
+    },
+    Roll {
+        roll: Box<Roll>,
+        reply: oneshot::Sender<Result<Rolled, StoreError>>,
+    },
+    MasterKeyId {
+        /// The keys, as a JSON array (read by `json_each`).
+        keys: String,
+        id: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Touch {
+        /// The keys, as a JSON array (read by `json_each`).
+        keys: String,
+        at: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Revoke {
+        key: ApiKey,
+        origin: Box<Origin>,
+        reply: oneshot::Sender<Result<Revocation, StoreError>>,
+    },
+    /// A write that changes nothing of substance: proves the database accepts commits.
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// A registration's columns that are stored as text of their own making.
+pub(super) struct RowText {
+    pub(super) meta: String,
+    pub(super) scopes: String,
+    pub(super) expires_at: Option<String>,
+}
+
+impl RowText {
+    pub(super) fn of(new: &NewCredential) -> Result<Self, StoreError> {
+        Ok(Self {
+            meta: serde_json::to_string(&new.meta).map_err(encode)?,
+            scopes: new.scopes.to_stored(),
+            expires_at: new.expires_at.as_ref().map(format_time),
+        })
+    }
+}
+
+/// An audit event as its row's values.
+pub(super) struct EventRow {
+    api_key: String,
+    event: &'static str,
+    actor: Option<String>,
+    source: &'static str,
+    detail: String,
+}
+
+impl EventRow {
+    pub(super) fn of(event: NewEvent) -> Result<Self, StoreError> {
+        Ok(Self {
+            detail: event.detail.to_string(),
+            api_key: event.api_key,
+            event: event.event,
+            actor: event.actor,
+            source: event.source,
+        })
+    }
+}
+
+fn encode(e: serde_json::Error) -> StoreError {
+    StoreError::from(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// A roll's inputs, boxed in the queue.
+pub(super) struct Roll {
+    pub(super) old: ApiKey,
+    pub(super) new: ApiKey,
+    pub(super) master_key_id: String,
+    pub(super) old_until: DateTime<Utc>,
+    pub(super) origin: Origin,
+}
+
+pub(super) enum Outcome {
+    Registration(Registration),
+    Update(Updated),
+    Roll(Rolled),
+    MasterKeyId,
+    Touch,
+    Revocation(Revocation),
+    Probe,
+}
+
+/// Opens a connection for writing. Never creates the file: a deleted database is an error,
+/// not a fresh empty one.
+pub(super) fn connect(path: &Path, busy_timeout: Duration) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(busy_timeout)?;
+    conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get::<_, String>(0))?;
+    // FULL: an acknowledged write survives a power loss, not only a process crash.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(conn)
+}
+
+/// The writer thread's state. It owns its connection, and throws it away after any failed
+/// write: a connection whose `COMMIT` failed may still be inside a transaction, and every
+/// later write would then land in a transaction that is never committed.
+pub(super) struct Writer {
+    pub(super) conn: Option<Connection>,
+    pub(super) path: std::path::PathBuf,
+    pub(super) busy_timeout: Duration,
+    pub(super) file: Arc<FileIdentity>,
+    pub(super) health: Arc<WriteHealth>,
+    pub(super) metrics: Metrics,
+}
+
+impl Writer {
+    /// The thread's loop: until told to close (or every sender is gone), take what is
+    /// queued, up to `max_batch`, and commit it.
+    pub(super) fn run(mut self, rx: &Receiver<Message>, max_batch: usize) {
+        let mut batch = Vec::with_capacity(max_batch);
+        let mut watched = Instant::now();
+        let mut closing = false;
+        while !closing {
+            match rx.recv_timeout(PROBE_EVERY) {
+                Ok(first) => {
+                    let mut next = Some(first);
+                    while let Some(message) = next.take() {
+                        match message {
+                            Message::Write(op) => batch.push(op),
+                            Message::Close => closing = true,
+                        }
+                        if !closing && batch.len() < max_batch {
+                            next = rx.try_recv().ok();
+                        }
+                    }
+                    if !batch.is_empty() {
+                        self.commit(&mut batch);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if watched.elapsed() >= PROBE_EVERY {
+                self.watch();
+                watched = Instant::now();
+            }
+        }
+        // New writes are refused by now (the store set its flag before sending `Close`):
+        // commit, and answer, every one already queued.
+        loop {
+            batch.extend(
+                rx.try_iter()
+                    .filter_map(|message| match message {
+                        Message::Write(op) => Some(op),
+                        Message::Close => None,
+                    })
+                    .take(max_batch),
+            );
+            if batch.is_empty() {
+                break;
+            }
+            self.commit(&mut batch);
+        }
+        if let Some(conn) = self.conn.take()
+            && let Err((_, e)) = conn.close()
+        {
+            tracing::warn!(error = %e, "closing the SQLite writer connection");
+        }
+    }
+
+    /// Between writes: notice a deleted file at once, and while writes fail, probe until
+    /// one commits so readiness comes back without waiting for a client to write.
+    fn watch(&mut self) {
+        if let Err(reason) = self.file.check() {
+            self.fail(&reason);
+        } else if self.health.is_failing() {
+            let (reply, _) = oneshot::channel();
+            let mut probe = vec![WriteOp::Probe { reply }];
+            self.commit(&mut probe);
+        }
+    }
+
+    fn fail(&mut self, reason: &str) {
+        self.conn = None;
+        self.health.failed(reason);
+    }
+
+    /// The connection, reopened when the last write failed.
+    fn connection(&mut self) -> Result<&Connection, StoreError> {
+        self.file.check().map_err(StoreError::new)?;
+        if self.conn.is_none() {
+            self.conn = Some(connect(&self.path, self.busy_timeout)?);
+        }
+        self.conn
+            .as_ref()
+            .ok_or_else(|| StoreError::new("the SQLite writer has no connection"))
+    }
+
+    /// Commits a batch and answers every write in it, each only after its commit.
+    fn commit(&mut self, batch: &mut Vec<WriteOp>) {
+        let started = Instant::now();
+        let result = self.connection().and_then(|conn| apply(conn, batch));
+        self.metrics.observe_db("write_batch", started);
+        let result = result.and_then(|outcomes| {
+            // Committed into a file nobody will open again: not durable, not acknowledged.
+            self.file.check().map_err(StoreError::new)?;
+            Ok(outcomes)
+        });
+        match result {
+            Ok(outcomes) => {
+                self.health.succeeded();
+                answer(batch.drain(..), outcomes.into_iter().map(Ok));
+            }
+            Err(e) if e.is_statement_error() && batch.len() > 1 => {
+                // One write refused by the database (an operator's trigger, say) must not
+                // fail its neighbours: retry each on its own.
+                self.conn = None;
+                tracing::warn!(error = %e.report(), size = batch.len(), "write batch refused; retrying one by one");
+                for op in std::mem::take(batch) {
+                    self.commit(&mut vec![op]);
+                }
+            }
+            Err(e) if e.is_statement_error() => {
+                self.conn = None;
+                tracing::warn!(error = %e.report(), "write refused by the database");
+                answer(batch.drain(..), std::iter::once(Err(e)));
+            }
+            Err(e) => {
+                self.fail(&e.report().to_string());
+                let n = batch.len();
+                answer(batch.drain(..), (0..n).map(|_| Err(e.clone())));
+            }
+        }
+    }
+}
+
+fn answer(
+    ops: impl Iterator<Item = WriteOp>,
+    outcomes: impl Iterator<Item = Result<Outcome, StoreError>>,
+) {
+    for (op, outcome) in ops.zip(outcomes) {
+        // A caller that went away (client disconnected) is not an error: its write stands.
+        let mismatch = || StoreError::new("writer outcome mismatch");
+        match op {
+            WriteOp::Register { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Registration(r) => Ok(r),
+                    _ => Err(mismatch()),
+                }));
+            }
+            WriteOp::Revoke { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Revocation(r) => Ok(r),
+                    _ => Err(mismatch()),
+                }));
+            }
+            WriteOp::Update { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Update(u) => Ok(u),
+                    _ => Err(mismatch()),
+                }));
+            }
+            WriteOp::Roll { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Roll(r) => Ok(r),
+                    _ => Err(mismatch()),
+                }));
+            }
+            WriteOp::Touch { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Touch => Ok(()),
+                    _ => Err(mismatch()),
+                }));
+            }
+            WriteOp::MasterKeyId { reply, .. } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::MasterKeyId => Ok(()),
+                    _ => Err(mismatch()),
+                }));
+            }
+            WriteOp::Probe { reply } => {
+                let _ = reply.send(outcome.and_then(|o| match o {
+                    Outcome::Probe => Ok(()),
+                    _ => Err(mismatch()),
+                }));
+            }
+        }
+    }
+}
+
+/// Applies writes in one transaction; answers exist only once `COMMIT` returned OK. A
+/// connection that failed here is discarded by the caller, so each batch starts on a
+/// connection in autocommit mode (and `BEGIN` itself fails if it were not).
+pub(super) fn apply(conn: &Connection, ops: &[WriteOp]) -> Result<Vec<Outcome>, StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let mut outcomes = Vec::with_capacity(ops.len());
+    let mut events = Vec::new();
+    let mut marker = Marker(false);
+    let result = apply_within(conn, ops, &mut outcomes, &mut events, &mut marker)
+        .and_then(|()| record(conn, &events, marker));
+    if let Err(e) = result {
+        // Best effort: the caller discards this connection whatever happens here.
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(e);
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(e.into());
+    }
+    Ok(outcomes)
+}
+
+/// Whether this transaction holds the marker row that tells the schema's audit triggers
+/// that the service records these changes itself. It is inserted just before the first
+/// statement that changes a credential, so a batch that changes none (a duplicate
+/// registration, say) writes nothing, and is answered even while the disk is full.
+struct Marker(bool);
+
+impl Marker {
+    fn set(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        if !self.0 {
+            conn.prepare_cached("INSERT INTO credgate_audit_writer (id) VALUES (1)")?
+                .execute([])?;
+            self.0 = true;
+        }
+        Ok(())
+    }
+}
+
+/// Whether a key is stored and active; `None` when it is not stored.
+fn active(conn: &Connection, key: &ApiKey) -> rusqlite::Result<Option<bool>> {
+    conn.prepare_cached("SELECT active FROM api_credential WHERE api_key = ?1")?
+        .query_row([key.as_str()], |row| row.get(0))
+        .optional()
+}
+
+/// An event of a write other than a registration, made in the writer.
+fn event_row(event: NewEvent) -> rusqlite::Result<EventRow> {
+    EventRow::of(event).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+/// The writes of a batch, inside its transaction, collecting their audit events. (Each
+/// check before a write is exact: the transaction holds the write lock.)
+fn apply_within<'a>(
+    conn: &Connection,
+    ops: &'a [WriteOp],
+    outcomes: &mut Vec<Outcome>,
+    events: &mut Vec<EventOf<'a>>,
+    marker: &mut Marker,
+) -> Result<(), StoreError> {
+    // The batch's registrations first: they were all in flight together, so any order
+    // among the batch's writes is one they could have had.
+    let news: Vec<(&NewCredential, &RowText)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            WriteOp::Register { new, row, .. } => Some((&**new, &**row)),
+            _ => None,
+        })
+        .collect();
+    let mut registrations = register_all(conn, &news, marker)?.into_iter();
+    for op in ops {
+        let outcome = match op {
+            WriteOp::Register { event, .. } => {
+                let created = registrations
+                    .next()
+                    .ok_or_else(|| StoreError::new("registration outcome missing"))?;
+                if created == Registration::Created {
+                    events.push(EventOf::Made(event));
+                }
+                Outcome::Registration(created)
+            }
+            WriteOp::Update {
+                key,
+                update,
+                origin,
+                ..
+            } => {
+                let updated = self::update(conn, key, update, marker)?;
+                if matches!(updated, Updated::Changed(_)) {
+                    events.push(EventOf::Here(event_row(origin.updated(key, update))?));
+                }
+                Outcome::Update(updated)
+            }
+            WriteOp::Roll { roll, .. } => {
+                let rolled = self::roll(conn, roll, marker)?;
+                if let Rolled::Rolled(record) = &rolled {
+                    for made in roll
+                        .origin
+                        .rolled(&roll.old, &roll.new, record, roll.old_until)
+                    {
+                        events.push(EventOf::Here(event_row(made)?));
+                    }
+                }
+                Outcome::Roll(rolled)
+            }
+            WriteOp::Touch { keys, at, .. } => {
+                conn.prepare_cached(
+                    "UPDATE api_credential SET last_used_at = ?1 \
+                     WHERE api_key IN (SELECT value FROM json_each(?2)) \
+                     AND (last_used_at IS NULL OR last_used_at < ?1)",
+                )?
+                .execute([at, keys])?;
+                Outcome::Touch
+            }
+            WriteOp::MasterKeyId { keys, id, .. } => {
+                conn.prepare_cached(
+                    "UPDATE api_credential SET master_key_id = ?1 \
+                     WHERE api_key IN (SELECT value FROM json_each(?2)) AND master_key_id IS NULL",
+                )?
+                .execute([id, keys])?;
+                Outcome::MasterKeyId
+            }
+            WriteOp::Revoke { key, .. } if active(conn, key)? != Some(true) => {
+                Outcome::Revocation(Revocation::NotFound)
+            }
+            WriteOp::Revoke { key, origin, .. } => {
+                marker.set(conn)?;
+                let done = conn
+                    .prepare_cached(
+                        "UPDATE api_credential SET active = 0, revoked_by = ?1 \
+                         WHERE api_key = ?2 AND active = 1",
+                    )?
+                    .execute(params![
+                        origin.actor.as_ref().map(ApiKey::as_str),
+                        key.as_str()
+                    ])?;
+                let revoked = Revocation::from_rows(done as u64);
+                if revoked == Revocation::Revoked {
+                    events.push(EventOf::Here(event_row(origin.revoked(key))?));
+                }
+                Outcome::Revocation(revoked)
+            }
+            WriteOp::Probe { .. } => {
+                conn.prepare_cached(
+                    "INSERT INTO credgate_write_probe (id, at) \
+                     VALUES (1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
+                     ON CONFLICT (id) DO UPDATE SET at = excluded.at",
+                )?
+                .execute([])?;
+                Outcome::Probe
+            }
+        };
+        outcomes.push(outcome);
+    }
+    Ok(())
+}
+
+/// An event to record: made by the caller (a registration's) or here.
+enum EventOf<'a> {
+    Made(&'a EventRow),
+    Here(EventRow),
+}
+
+/// Writes a batch's audit events, in order, and removes the marker row: both in the
+/// batch's transaction, just before its `COMMIT`.
+fn record(conn: &Connection, events: &[EventOf<'_>], marker: Marker) -> Result<(), StoreError> {
+    if !events.is_empty() {
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for e in events {
+            let e = match e {
+                EventOf::Made(e) => e,
+                EventOf::Here(e) => e,
+            };
+            insert.execute(params![e.api_key, e.event, e.actor, e.source, e.detail])?;
+        }
+    }
+    if marker.0 {
+        conn.prepare_cached("DELETE FROM credgate_audit_writer")?
+            .execute([])?;
+    }
+    Ok(())
+}
+
+/// Registers a batch's credentials, in order: the first of several registrations of one key
+/// wins. Stored keys are found before anything is written, so a batch of duplicates writes
+/// nothing and is answered even while the disk is full.
+fn register_all(
+    conn: &Connection,
+    news: &[(&NewCredential, &RowText)],
+    marker: &mut Marker,
+) -> rusqlite::Result<Vec<Registration>> {
+    if news.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut stored = conn.prepare_cached("SELECT 1 FROM api_credential WHERE api_key = ?1")?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO api_credential \
+         (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (api_key) DO NOTHING",
+    )?;
+    let mut seen: HashSet<&str> = HashSet::with_capacity(news.len());
+    let mut outcomes = Vec::with_capacity(news.len());
+    for (new, row) in news {
+        let key = new.api_key.as_str();
+        if !seen.insert(key) || stored.exists([key])? {
+            outcomes.push(Registration::Duplicate);
+            continue;
+        }
+        marker.set(conn)?;
+        // Created only when this statement stored the row (an operator's trigger could
+        // skip it).
+        let inserted = insert.execute(params![
+            key,
+            new.name,
+            new.owner,
+            row.meta,
+            row.scopes,
+            row.expires_at,
+            new.master_key_id,
+        ])?;
+        outcomes.push(if inserted == 1 {
+            Registration::Created
+        } else {
+            Registration::Duplicate
+        });
+    }
+    Ok(outcomes)
+}
+
+/// A stored time column, in any format [`parse_time`] reads.
+fn time(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Option<DateTime<Utc>>> {
+    row.get::<_, Option<String>>(index)?
+        .map(|text| parse_time(&text))
+        .transpose()
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, e.into())
+        })
+}
+
+/// A row of `credential_columns!()`.
+fn credential_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<CredentialRow> {
+    let meta: String = row.get(7)?;
+    let meta = serde_json::from_str(&meta).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, e.into())
+    })?;
+    Ok(CredentialRow {
+        api_key: row.get(0)?,
+        active: row.get(1)?,
+        created_at: time(row, 2)?.ok_or(rusqlite::Error::InvalidColumnType(
+            2,
+            "created_at".into(),
+            rusqlite::types::Type::Null,
+        ))?,
+        revoked_at: time(row, 3)?,
+        revoked_by: row.get(4)?,
+        name: row.get(5)?,
+        owner: row.get(6)?,
+        meta: sqlx::types::Json(meta),
+        scopes: row.get(8)?,
+        expires_at: time(row, 9)?,
+        last_used_at: time(row, 10)?,
+        master_key_id: row.get(11)?,
+    })
+}
+
+/// Changes the given attributes of an active credential.
+fn update(
+    conn: &Connection,
+    key: &ApiKey,
+    update: &Update,
+    marker: &mut Marker,
+) -> Result<Updated, StoreError> {
+    match active(conn, key)? {
+        None => return Ok(Updated::NotFound),
+        Some(false) => return Ok(Updated::Revoked),
+        Some(true) => {}
+    }
+    marker.set(conn)?;
+    let meta = update
+        .meta
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(encode)?;
+    let row = conn
+        .prepare_cached(concat!(
+            "UPDATE api_credential SET ",
+            "name = CASE WHEN ?1 THEN ?2 ELSE name END, ",
+            "owner = CASE WHEN ?3 THEN ?4 ELSE owner END, ",
+            "meta = COALESCE(?5, meta), ",
+            "scopes = COALESCE(?6, scopes), ",
+            "expires_at = CASE WHEN ?7 THEN ?8 ELSE expires_at END ",
+            "WHERE api_key = ?9 AND active = 1 RETURNING ",
+            credential_columns!()
+        ))?
+        .query_row(
+            params![
+                update.name.is_some(),
+                update.name.clone().flatten(),
+                update.owner.is_some(),
+                update.owner.clone().flatten(),
+                meta,
+                update.scopes.as_ref().map(|s| s.to_stored()),
+                update.expires_at.is_some(),
+                update.expires_at.flatten().as_ref().map(format_time),
+                key.as_str(),
+            ],
+            credential_row,
+        )
+        .optional()?;
+    // Checked active above, within this transaction.
+    Ok(row.map_or(Updated::Revoked, |row| {
+        Updated::Changed(Box::new(row.into()))
+    }))
+}
+
+/// Rolls within the writer's transaction: the checks, the new row and the old one's expiry
+/// commit together (a failure rolls back the batch, and the writer retries each write alone).
+fn roll(conn: &Connection, roll: &Roll, marker: &mut Marker) -> Result<Rolled, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT active, expires_at FROM api_credential WHERE api_key = ?1")?
+        .query_row([roll.old.as_str()], |row| Ok((row.get(0)?, time(row, 1)?)))
+        .optional()?;
+    if let Some(refused) = Rolled::refusal(row) {
+        return Ok(refused);
+    }
+    marker.set(conn)?;
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO api_credential \
+             (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+             SELECT ?1, name, owner, meta, scopes, expires_at, ?2 FROM api_credential \
+             WHERE api_key = ?3 ON CONFLICT (api_key) DO NOTHING",
+        )?
+        .execute([
+            roll.new.as_str(),
+            roll.master_key_id.as_str(),
+            roll.old.as_str(),
+        ])?;
+    if inserted != 1 {
+        return Ok(Rolled::Duplicate);
+    }
+    conn.prepare_cached(
+        "UPDATE api_credential SET expires_at = ?1 \
+         WHERE api_key = ?2 AND (expires_at IS NULL OR expires_at > ?1)",
+    )?
+    .execute([format_time(&roll.old_until).as_str(), roll.old.as_str()])?;
+    let new = conn
+        .prepare_cached(concat!(
+            "SELECT ",
+            credential_columns!(),
+            " FROM api_credential WHERE api_key = ?1"
+        ))?
+        .query_row([roll.new.as_str()], credential_row)?;
+    Ok(Rolled::Rolled(Box::new(new.into())))
+}
