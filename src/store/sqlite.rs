@@ -173,7 +173,7 @@ impl SqliteStore {
         let running = writer_running.clone();
         let max_batch = options.max_batch;
         std::thread::Builder::new()
-            .name("credgate-sqlite-writer".into())
+            .name("credgate-writer".into())
             .spawn(move || {
                 // Cleared however the thread ends, a panic included.
                 struct Running(Arc<AtomicBool>);

@@ -32,6 +32,18 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Prepared statements kept per connection: every statement the writer runs, with room.
 const STATEMENT_CACHE: usize = 32;
 
+/// WAL frames after which the writer checkpoints itself. The checkpointer thread copies
+/// frames into the database as they come, so the writer's own checkpoint finds little left
+/// to copy; it is what lets the WAL start over from its beginning (the log restarts only
+/// once every frame was copied, which a checkpointer racing the writer's next transaction
+/// never sees).
+const WRITER_CHECKPOINT_FRAMES: i64 = 2000;
+
+/// How long the checkpointer waits after a pass that found nothing to copy, and after one
+/// that did.
+const CHECKPOINT_IDLE: Duration = Duration::from_millis(100);
+const CHECKPOINT_BUSY: Duration = Duration::from_millis(5);
+
 /// What the writer's queue carries.
 pub(super) enum Message {
     Write(WriteOp),
@@ -155,8 +167,45 @@ pub(super) fn connect(path: &Path, busy_timeout: Duration) -> rusqlite::Result<C
     // FULL: an acknowledged write survives a power loss, not only a process crash.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
+    conn.pragma_update_and_check(
+        None,
+        "wal_autocheckpoint",
+        WRITER_CHECKPOINT_FRAMES,
+        |row| row.get::<_, i64>(0),
+    )?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
+}
+
+/// Copies WAL frames into the database file beside the writer, so a commit rarely waits
+/// for a checkpoint's writes and fsync (SQLite's automatic checkpoint runs inside the
+/// commit that crosses its threshold). Runs until `stop` is dropped.
+fn checkpointer(path: &Path, busy_timeout: Duration, stop: &Receiver<()>) {
+    let mut conn: Option<Connection> = None;
+    let mut wait = CHECKPOINT_IDLE;
+    // The WAL's frames and those copied, at the last pass: while they move, the writer is
+    // busy and the next pass comes soon.
+    let mut last = (0, 0);
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(wait) {
+        wait = CHECKPOINT_IDLE;
+        if conn.is_none() {
+            // The writer reports a missing or broken file; this thread only retries.
+            conn = connect(path, busy_timeout).ok();
+        }
+        let Some(c) = &conn else { continue };
+        // PASSIVE: never waits for the writer or readers, copies what it can.
+        match c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+        }) {
+            Ok(now) => {
+                if now != last {
+                    wait = CHECKPOINT_BUSY;
+                }
+                last = now;
+            }
+            Err(_) => conn = None,
+        }
+    }
 }
 
 /// The writer thread's state. It owns its connection, and throws it away after any failed
@@ -174,7 +223,23 @@ pub(super) struct Writer {
 impl Writer {
     /// The thread's loop: until told to close (or every sender is gone), take what is
     /// queued, up to `max_batch`, and commit it.
-    pub(super) fn run(mut self, rx: &Receiver<Message>, max_batch: usize) {
+    pub(super) fn run(self, rx: &Receiver<Message>, max_batch: usize) {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (path, busy_timeout) = (self.path.clone(), self.busy_timeout);
+        std::thread::scope(|scope| {
+            let checkpoints = std::thread::Builder::new()
+                .name("credgate-ckpt".into())
+                .spawn_scoped(scope, move || checkpointer(&path, busy_timeout, &stopped));
+            if let Err(e) = checkpoints {
+                // The writer's own checkpoints still bound the WAL.
+                tracing::warn!(error = %e, "cannot start the SQLite checkpoint thread");
+            }
+            self.write_until_closed(rx, max_batch);
+            drop(stop);
+        });
+    }
+
+    fn write_until_closed(mut self, rx: &Receiver<Message>, max_batch: usize) {
         let mut batch = Vec::with_capacity(max_batch);
         let mut watched = Instant::now();
         let mut closing = false;
