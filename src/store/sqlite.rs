@@ -2,9 +2,9 @@
 //!
 //! Writes go through one writer thread that owns one connection and commits every write that
 //! is waiting in a single transaction (one fsync for the batch); each caller is answered only
-//! after that commit ([`writer`]). Reads use a small pool; the cache-miss read has its own connections
-//! ([`lookups`]). A watcher polls `PRAGMA data_version` and, when another connection
-//! committed, reads the `api_credential_change` log to drop changed keys.
+//! after that commit ([`writer`]). Reads use a small pool; the cache-miss read has its own
+//! connections ([`lookups`]). A watcher polls `PRAGMA data_version` and, when another
+//! connection committed, reads the `api_credential_change` log to drop changed keys.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
