@@ -6,8 +6,8 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -30,7 +30,7 @@ use crate::telemetry::Metrics;
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Prepared statements kept per connection: every statement the writer runs, with room.
-const STATEMENT_CACHE: usize = 48;
+const STATEMENT_CACHE: usize = 32;
 
 /// WAL frames after which the writer checkpoints itself. The checkpointer thread copies
 /// frames into the database as they come, so the writer's own checkpoint finds little left
@@ -415,23 +415,19 @@ fn answer(
 /// connection that failed here is discarded by the caller, so each batch starts on a
 /// connection in autocommit mode (and `BEGIN` itself fails if it were not).
 pub(super) fn apply(conn: &Connection, ops: &[WriteOp]) -> Result<Vec<Outcome>, StoreError> {
-    // Prepared once per connection, like every statement here.
-    let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut s| s.execute([]));
-    run("BEGIN IMMEDIATE")?;
-    // One time for the batch's new rows and events: they commit together.
-    let now = format_time(&Utc::now());
+    conn.execute_batch("BEGIN IMMEDIATE")?;
     let mut outcomes = Vec::with_capacity(ops.len());
     let mut events = Vec::new();
     let mut marker = Marker(false);
-    let result = apply_within(conn, &now, ops, &mut outcomes, &mut events, &mut marker)
-        .and_then(|()| record(conn, &now, &events, marker));
+    let result = apply_within(conn, ops, &mut outcomes, &mut events, &mut marker)
+        .and_then(|()| record(conn, &events, marker));
     if let Err(e) = result {
         // Best effort: the caller discards this connection whatever happens here.
-        let _ = run("ROLLBACK");
+        let _ = conn.execute_batch("ROLLBACK");
         return Err(e);
     }
-    if let Err(e) = run("COMMIT") {
-        let _ = run("ROLLBACK");
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        let _ = conn.execute_batch("ROLLBACK");
         return Err(e.into());
     }
     Ok(outcomes)
@@ -470,7 +466,6 @@ fn event_row(event: NewEvent) -> rusqlite::Result<EventRow> {
 /// check before a write is exact: the transaction holds the write lock.)
 fn apply_within<'a>(
     conn: &Connection,
-    now: &str,
     ops: &'a [WriteOp],
     outcomes: &mut Vec<Outcome>,
     events: &mut Vec<EventOf<'a>>,
@@ -485,7 +480,7 @@ fn apply_within<'a>(
             _ => None,
         })
         .collect();
-    let mut registrations = register_all(conn, now, &news, marker)?.into_iter();
+    let mut registrations = register_all(conn, &news, marker)?.into_iter();
     for op in ops {
         let outcome = match op {
             WriteOp::Register { event, .. } => {
@@ -579,84 +574,21 @@ enum EventOf<'a> {
     Here(EventRow),
 }
 
-/// Most rows in one multi-row `INSERT`: statements for 64, 32, …, 1 rows cover any batch.
-const ROWS_PER_INSERT: usize = 64;
-
-/// How many of `remaining` rows the next `INSERT` takes: the largest power of two that fits,
-/// so a connection prepares and caches only a few distinct statements.
-fn chunk_len(remaining: usize) -> usize {
-    if remaining >= ROWS_PER_INSERT {
-        ROWS_PER_INSERT
-    } else {
-        1 << remaining.ilog2()
-    }
-}
-
-/// `head VALUES (?, …), … tail` for 0..=ROWS_PER_INSERT rows of `columns` values each.
-fn multi_row(head: &str, columns: usize, tail: &str) -> Vec<String> {
-    let row = format!("({})", vec!["?"; columns].join(", "));
-    (0..=ROWS_PER_INSERT)
-        .map(|n| format!("{head} VALUES {}{tail}", vec![row.as_str(); n].join(", ")))
-        .collect()
-}
-
-/// The `INSERT` of `rows` events.
-fn insert_events(rows: usize) -> &'static str {
-    static TEXTS: OnceLock<Vec<String>> = OnceLock::new();
-    &TEXTS.get_or_init(|| {
-        multi_row(
-            "INSERT INTO api_credential_event (at, api_key, event, actor, source, detail)",
-            6,
-            "",
-        )
-    })[rows.min(ROWS_PER_INSERT)]
-}
-
-/// The `INSERT` of `rows` credentials, answering the keys it stored.
-fn insert_credentials(rows: usize) -> &'static str {
-    static TEXTS: OnceLock<Vec<String>> = OnceLock::new();
-    &TEXTS.get_or_init(|| {
-        multi_row(
-            "INSERT INTO api_credential \
-             (created_at, api_key, name, owner, meta, scopes, expires_at, master_key_id)",
-            8,
-            " ON CONFLICT (api_key) DO NOTHING RETURNING api_key",
-        )
-    })[rows.min(ROWS_PER_INSERT)]
-}
-
 /// Writes a batch's audit events, in order, and removes the marker row: both in the
-/// batch's transaction, just before its `COMMIT`. Events go in as few statements as the
-/// batch allows, not one each: every run of the event `INSERT` builds a temporary table for
-/// each of the `IN (…)` lists in the table's `CHECK` constraints, and every statement in a
-/// transaction keeps a journal of its own; each cost as much as the event itself.
-fn record(
-    conn: &Connection,
-    now: &str,
-    events: &[EventOf<'_>],
-    marker: Marker,
-) -> Result<(), StoreError> {
-    let mut rest = events;
-    while !rest.is_empty() {
-        let (chunk, after) = rest.split_at(chunk_len(rest.len()));
-        let mut insert = conn.prepare_cached(insert_events(chunk.len()))?;
-        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 6);
-        for e in chunk {
+/// batch's transaction, just before its `COMMIT`.
+fn record(conn: &Connection, events: &[EventOf<'_>], marker: Marker) -> Result<(), StoreError> {
+    if !events.is_empty() {
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for e in events {
             let e = match e {
                 EventOf::Made(e) => e,
                 EventOf::Here(e) => e,
             };
-            values.extend([
-                &now as &dyn rusqlite::ToSql,
-                &e.api_key,
-                &e.event,
-                &e.actor,
-                &e.source,
-                &e.detail,
-            ]);
+            insert.execute(params![e.api_key, e.event, e.actor, e.source, e.detail])?;
         }
-        insert.execute(values.as_slice())?;
-        rest = after;
     }
     if marker.0 {
         conn.prepare_cached("DELETE FROM credgate_audit_writer")?
@@ -670,59 +602,43 @@ fn record(
 /// nothing and is answered even while the disk is full.
 fn register_all(
     conn: &Connection,
-    now: &str,
     news: &[(&NewCredential, &RowText)],
     marker: &mut Marker,
 ) -> rusqlite::Result<Vec<Registration>> {
-    let mut outcomes = vec![Registration::Duplicate; news.len()];
     if news.is_empty() {
-        return Ok(outcomes);
+        return Ok(Vec::new());
     }
     let mut stored = conn.prepare_cached("SELECT 1 FROM api_credential WHERE api_key = ?1")?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO api_credential \
+         (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (api_key) DO NOTHING",
+    )?;
     let mut seen: HashSet<&str> = HashSet::with_capacity(news.len());
-    let mut fresh = Vec::with_capacity(news.len());
-    for (i, (new, _)) in news.iter().enumerate() {
+    let mut outcomes = Vec::with_capacity(news.len());
+    for (new, row) in news {
         let key = new.api_key.as_str();
-        if seen.insert(key) && !stored.exists([key])? {
-            fresh.push(i);
+        if !seen.insert(key) || stored.exists([key])? {
+            outcomes.push(Registration::Duplicate);
+            continue;
         }
-    }
-    if fresh.is_empty() {
-        return Ok(outcomes);
-    }
-    marker.set(conn)?;
-    // Created only for a key these statements stored (an operator's trigger could skip a
-    // row): `RETURNING` names them.
-    let mut inserted: HashSet<String> = HashSet::with_capacity(fresh.len());
-    let mut rest = fresh.as_slice();
-    while !rest.is_empty() {
-        let (chunk, after) = rest.split_at(chunk_len(rest.len()));
-        let mut insert = conn.prepare_cached(insert_credentials(chunk.len()))?;
-        let keys: Vec<&str> = chunk.iter().map(|&i| news[i].0.api_key.as_str()).collect();
-        let mut values: Vec<&dyn rusqlite::ToSql> = Vec::with_capacity(chunk.len() * 8);
-        for (&i, key) in chunk.iter().zip(&keys) {
-            let (new, row) = &news[i];
-            values.extend([
-                &now as &dyn rusqlite::ToSql,
-                key,
-                &new.name,
-                &new.owner,
-                &row.meta,
-                &row.scopes,
-                &row.expires_at,
-                &new.master_key_id,
-            ]);
-        }
-        let mut rows = insert.query(values.as_slice())?;
-        while let Some(row) = rows.next()? {
-            inserted.insert(row.get(0)?);
-        }
-        rest = after;
-    }
-    for i in fresh {
-        if inserted.contains(news[i].0.api_key.as_str()) {
-            outcomes[i] = Registration::Created;
-        }
+        marker.set(conn)?;
+        // Created only when this statement stored the row (an operator's trigger could
+        // skip it).
+        let inserted = insert.execute(params![
+            key,
+            new.name,
+            new.owner,
+            row.meta,
+            row.scopes,
+            row.expires_at,
+            new.master_key_id,
+        ])?;
+        outcomes.push(if inserted == 1 {
+            Registration::Created
+        } else {
+            Registration::Duplicate
+        });
     }
     Ok(outcomes)
 }
