@@ -81,7 +81,6 @@ pub struct SqliteStore {
     /// The file opened at start: a file deleted or replaced under us is noticed.
     file: Arc<FileIdentity>,
     /// For a probe write on a connection of its own (`check_writable`).
-    path: PathBuf,
     busy_timeout: Duration,
     changes: broadcast::Sender<Change>,
     /// The change watcher, started by the first subscriber (a command-line tool that only
@@ -162,7 +161,6 @@ impl SqliteStore {
         let health = Arc::new(WriteHealth::default());
         let writer = writer::Writer {
             conn: Some(conn),
-            path: path.to_owned(),
             busy_timeout: options.busy_timeout,
             file: file.clone(),
             health: health.clone(),
@@ -197,7 +195,6 @@ impl SqliteStore {
             writer_done: std::sync::Mutex::new(Some(writer_done)),
             health,
             file,
-            path: path.to_owned(),
             busy_timeout: options.busy_timeout,
             changes,
             watcher: OnceLock::new(),
@@ -388,7 +385,7 @@ impl CredentialStore for SqliteStore {
         origin: &Origin,
     ) -> Result<Registration, StoreError> {
         let row = Box::new(RowText::of(new)?);
-        let event = Box::new(EventRow::of(origin.registered(new))?);
+        let event = Box::new(EventRow::of(origin.registered(new)));
         let new = Box::new(new.clone());
         self.write(|reply| WriteOp::Register {
             new,
@@ -513,7 +510,7 @@ impl CredentialStore for SqliteStore {
         self.file.check().map_err(StoreError::new)?;
         // A connection of its own, so a failure here is reported to the caller alone and
         // leaves the writer's state untouched.
-        let (path, busy_timeout) = (self.path.clone(), self.busy_timeout);
+        let (path, busy_timeout) = (self.file.path.clone(), self.busy_timeout);
         let result = tokio::task::spawn_blocking(move || {
             let conn = writer::connect(&path, busy_timeout)?;
             let (reply, _) = oneshot::channel();

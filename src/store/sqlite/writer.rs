@@ -121,14 +121,14 @@ pub(super) struct EventRow {
 }
 
 impl EventRow {
-    pub(super) fn of(event: NewEvent) -> Result<Self, StoreError> {
-        Ok(Self {
+    pub(super) fn of(event: NewEvent) -> Self {
+        Self {
             detail: event.detail.to_string(),
             api_key: event.api_key,
             event: event.event,
             actor: event.actor,
             source: event.source,
-        })
+        }
     }
 }
 
@@ -213,7 +213,6 @@ fn checkpointer(path: &Path, busy_timeout: Duration, stop: &Receiver<()>) {
 /// later write would then land in a transaction that is never committed.
 pub(super) struct Writer {
     pub(super) conn: Option<Connection>,
-    pub(super) path: std::path::PathBuf,
     pub(super) busy_timeout: Duration,
     pub(super) file: Arc<FileIdentity>,
     pub(super) health: Arc<WriteHealth>,
@@ -225,7 +224,7 @@ impl Writer {
     /// queued, up to `max_batch`, and commit it.
     pub(super) fn run(self, rx: &Receiver<Message>, max_batch: usize) {
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let (path, busy_timeout) = (self.path.clone(), self.busy_timeout);
+        let (path, busy_timeout) = (self.file.path.clone(), self.busy_timeout);
         std::thread::scope(|scope| {
             let checkpoints = std::thread::Builder::new()
                 .name("credgate-ckpt".into())
@@ -312,7 +311,7 @@ impl Writer {
     fn connection(&mut self) -> Result<&Connection, StoreError> {
         self.file.check().map_err(StoreError::new)?;
         if self.conn.is_none() {
-            self.conn = Some(connect(&self.path, self.busy_timeout)?);
+            self.conn = Some(connect(&self.file.path, self.busy_timeout)?);
         }
         self.conn
             .as_ref()
@@ -457,11 +456,6 @@ fn active(conn: &Connection, key: &ApiKey) -> rusqlite::Result<Option<bool>> {
         .optional()
 }
 
-/// An event of a write other than a registration, made in the writer.
-fn event_row(event: NewEvent) -> rusqlite::Result<EventRow> {
-    EventRow::of(event).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
-}
-
 /// The writes of a batch, inside its transaction, collecting their audit events. (Each
 /// check before a write is exact: the transaction holds the write lock.)
 fn apply_within<'a>(
@@ -500,7 +494,7 @@ fn apply_within<'a>(
             } => {
                 let updated = self::update(conn, key, update, marker)?;
                 if matches!(updated, Updated::Changed(_)) {
-                    events.push(EventOf::Here(event_row(origin.updated(key, update))?));
+                    events.push(EventOf::Here(EventRow::of(origin.updated(key, update))));
                 }
                 Outcome::Update(updated)
             }
@@ -511,7 +505,7 @@ fn apply_within<'a>(
                         .origin
                         .rolled(&roll.old, &roll.new, record, roll.old_until)
                     {
-                        events.push(EventOf::Here(event_row(made)?));
+                        events.push(EventOf::Here(EventRow::of(made)));
                     }
                 }
                 Outcome::Roll(rolled)
@@ -549,7 +543,7 @@ fn apply_within<'a>(
                     ])?;
                 let revoked = Revocation::from_rows(done as u64);
                 if revoked == Revocation::Revoked {
-                    events.push(EventOf::Here(event_row(origin.revoked(key))?));
+                    events.push(EventOf::Here(EventRow::of(origin.revoked(key))));
                 }
                 Outcome::Revocation(revoked)
             }
@@ -799,7 +793,7 @@ mod tests {
             let (reply, _) = oneshot::channel();
             let register = WriteOp::Register {
                 row: Box::new(RowText::of(&new).expect("row")),
-                event: Box::new(EventRow::of(Origin::cli().registered(&new)).expect("event")),
+                event: Box::new(EventRow::of(Origin::cli().registered(&new))),
                 new: Box::new(new),
                 reply,
             };
