@@ -146,6 +146,17 @@ async fn every_change_made_through_the_api_has_its_event(backend: Backend) {
         events[2]["detail"]["request_id"]
     );
 
+    // Each credential's own history starts with the event that made it, however it was made.
+    for (key, first) in [
+        (&b.key, "registered"),
+        (&issued.key, "issued"),
+        (&rolled.key, "issued"),
+    ] {
+        let own = app.events(&format!("api_key={key}"), &admin).await;
+        assert_eq!(own[0]["event"], first, "{key}: {own:?}");
+        assert_eq!(own[0]["api_key"], key.as_str());
+    }
+
     // No secret anywhere in the log.
     let body = app
         .send(Method::GET, "/audit?limit=1000", Some(&admin))
@@ -334,4 +345,42 @@ async fn the_audit_log_pages_filters_and_needs_its_scope(backend: Backend) {
     assert_eq!(app.events("", &auditor).await.len(), 8);
     let resp = app.send(Method::GET, "/audit", None).await;
     assert_error(resp, StatusCode::UNAUTHORIZED, "UNAUTHORIZED").await;
+}
+
+/// A registration that an operator's trigger skips stored nothing: the service answers it
+/// as a conflict, and no event says it was registered (SQLite, where the service writes the
+/// event before the row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_skipped_by_an_operator_trigger_leaves_no_event() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let admin = app.registered().await;
+    app.sql(
+        "CREATE TRIGGER operator_skips BEFORE INSERT ON api_credential \
+         WHEN NEW.name = 'skip me' BEGIN SELECT RAISE(IGNORE); END",
+    )
+    .await;
+    let skipped = mint();
+    let resp = app
+        .request(Method::POST, "/credentials", None)
+        .json(&json!({ "api_key": skipped.key, "api_secret": skipped.secret, "name": "skip me" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    assert_eq!(app.verify(&skipped).await, StatusCode::UNAUTHORIZED);
+    assert!(
+        app.events(&format!("api_key={}", skipped.key), &admin)
+            .await
+            .is_empty()
+    );
+    let all = app.events("", &admin).await;
+    assert!(all.iter().all(|e| e["api_key"] != skipped.key.as_str()));
+    // The next registration is recorded as usual.
+    let next = app.registered().await;
+    assert_eq!(
+        app.events(&format!("api_key={}", next.key), &admin)
+            .await
+            .len(),
+        1
+    );
 }

@@ -178,3 +178,89 @@ async fn a_database_of_the_previous_schema_is_upgraded_in_place(backend: Backend
         1
     );
 }
+
+/// The rebuild of the SQLite audit log (migration 0005) keeps every event and its id, and
+/// the AUTOINCREMENT counter: an id freed by a prune is never given again. The rebuilt table
+/// still refuses what the old one refused, and SQL changes are still recorded in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_audit_log_is_rebuilt_with_its_ids_and_counter() {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let migrations = scratch.path().join("migrations");
+    std::fs::create_dir(&migrations).expect("mkdir");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+    for file in [
+        "0001_api_credential.sql",
+        "0002_write_probe.sql",
+        "0003_attributes.sql",
+        "0004_audit.sql",
+    ] {
+        std::fs::copy(dir.join(file), migrations.join(file)).expect("copy migration");
+    }
+    let migrator = sqlx::migrate::Migrator::new(migrations.as_path())
+        .await
+        .expect("previous migrations");
+    let (kept, pruned) = (mint(), mint());
+    let path = scratch.path().join("v4.db");
+    let mut conn =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .expect("connect");
+    migrator.run(&mut conn).await.expect("schema v4");
+    for statement in [
+        format!(
+            "INSERT INTO api_credential (api_key) VALUES ('{}')",
+            kept.key
+        ),
+        format!(
+            "INSERT INTO api_credential (api_key) VALUES ('{}')",
+            pruned.key
+        ),
+        // The newest event pruned: the counter (2) is now past the largest id kept (1).
+        "DELETE FROM api_credential_event WHERE id = 2".to_owned(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statement))
+            .execute(&mut conn)
+            .await
+            .expect("v4 rows");
+    }
+    conn.close().await.expect("close");
+
+    let app = spawn_app_with(Backend::Sqlite, |config| {
+        config.database = Some(DatabaseTarget::Sqlite(path.clone()));
+    })
+    .await;
+    // The event kept, with its id, still found from its credential.
+    let events = app.events(&format!("api_key={}", kept.key), &kept).await;
+    let ids: Vec<(&Value, &Value)> = events.iter().map(|e| (&e["id"], &e["event"])).collect();
+    assert_eq!(ids, [(&json!(1), &json!("registered"))]);
+    // New events continue after the counter, through the service and through SQL.
+    let new = app.registered().await;
+    let fresh = mint();
+    app.sql(&format!(
+        "INSERT INTO api_credential (api_key) VALUES ('{}')",
+        fresh.key
+    ))
+    .await;
+    for (key, id, source) in [(&new.key, 3, "api"), (&fresh.key, 4, "sql")] {
+        let events = app.events(&format!("api_key={key}"), &kept).await;
+        assert_eq!(events.len(), 1, "{key}: {events:?}");
+        assert_eq!(events[0]["id"], id, "{key}");
+        assert_eq!(events[0]["event"], "registered");
+        assert_eq!(events[0]["source"], source);
+    }
+    // What the old table refused, the new one refuses.
+    for (event, source) in [("registred", "sql"), ("registered", "web")] {
+        let refused = app
+            .try_sql(&format!(
+                "INSERT INTO api_credential_event (api_key, event, source) \
+                 VALUES ('{}', '{event}', '{source}')",
+                kept.key
+            ))
+            .await;
+        assert!(refused.is_err(), "{event} from {source} was accepted");
+    }
+    let changed = app
+        .try_sql("UPDATE api_credential_event SET actor = 'x' WHERE id = 1")
+        .await;
+    assert!(changed.is_err(), "an event was changed");
+}

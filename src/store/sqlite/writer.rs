@@ -458,32 +458,31 @@ fn active(conn: &Connection, key: &ApiKey) -> rusqlite::Result<Option<bool>> {
 
 /// The writes of a batch, inside its transaction, collecting their audit events. (Each
 /// check before a write is exact: the transaction holds the write lock.)
-fn apply_within<'a>(
+fn apply_within(
     conn: &Connection,
-    ops: &'a [WriteOp],
+    ops: &[WriteOp],
     outcomes: &mut Vec<Outcome>,
-    events: &mut Vec<EventOf<'a>>,
+    events: &mut Vec<EventRow>,
     marker: &mut Marker,
 ) -> Result<(), StoreError> {
-    // The batch's registrations first: they were all in flight together, so any order
-    // among the batch's writes is one they could have had.
-    let news: Vec<(&NewCredential, &RowText)> = ops
+    // The batch's registrations first, with their events: they were all in flight
+    // together, so any order among the batch's writes is one they could have had.
+    let news: Vec<(&NewCredential, &RowText, &EventRow)> = ops
         .iter()
         .filter_map(|op| match op {
-            WriteOp::Register { new, row, .. } => Some((&**new, &**row)),
+            WriteOp::Register {
+                new, row, event, ..
+            } => Some((&**new, &**row, &**event)),
             _ => None,
         })
         .collect();
     let mut registrations = register_all(conn, &news, marker)?.into_iter();
     for op in ops {
         let outcome = match op {
-            WriteOp::Register { event, .. } => {
+            WriteOp::Register { .. } => {
                 let created = registrations
                     .next()
                     .ok_or_else(|| StoreError::new("registration outcome missing"))?;
-                if created == Registration::Created {
-                    events.push(EventOf::Made(event));
-                }
                 Outcome::Registration(created)
             }
             WriteOp::Update {
@@ -494,7 +493,7 @@ fn apply_within<'a>(
             } => {
                 let updated = self::update(conn, key, update, marker)?;
                 if matches!(updated, Updated::Changed(_)) {
-                    events.push(EventOf::Here(EventRow::of(origin.updated(key, update))));
+                    events.push(EventRow::of(origin.updated(key, update)));
                 }
                 Outcome::Update(updated)
             }
@@ -505,7 +504,7 @@ fn apply_within<'a>(
                         .origin
                         .rolled(&roll.old, &roll.new, record, roll.old_until)
                     {
-                        events.push(EventOf::Here(EventRow::of(made)));
+                        events.push(EventRow::of(made));
                     }
                 }
                 Outcome::Roll(rolled)
@@ -543,7 +542,7 @@ fn apply_within<'a>(
                     ])?;
                 let revoked = Revocation::from_rows(done as u64);
                 if revoked == Revocation::Revoked {
-                    events.push(EventOf::Here(EventRow::of(origin.revoked(key))));
+                    events.push(EventRow::of(origin.revoked(key)));
                 }
                 Outcome::Revocation(revoked)
             }
@@ -562,26 +561,28 @@ fn apply_within<'a>(
     Ok(())
 }
 
-/// An event to record: made by the caller (a registration's) or here.
-enum EventOf<'a> {
-    Made(&'a EventRow),
-    Here(EventRow),
+/// Inserts an audit event; its id.
+fn insert_event(conn: &Connection, e: &EventRow) -> rusqlite::Result<i64> {
+    conn.prepare_cached(
+        "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![e.api_key, e.event, e.actor, e.source, e.detail])?;
+    Ok(conn.last_insert_rowid())
 }
 
-/// Writes a batch's audit events, in order, and removes the marker row: both in the
-/// batch's transaction, just before its `COMMIT`.
-fn record(conn: &Connection, events: &[EventOf<'_>], marker: Marker) -> Result<(), StoreError> {
-    if !events.is_empty() {
-        let mut insert = conn.prepare_cached(
-            "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        for e in events {
-            let e = match e {
-                EventOf::Made(e) => e,
-                EventOf::Here(e) => e,
-            };
-            insert.execute(params![e.api_key, e.event, e.actor, e.source, e.detail])?;
+/// Writes a batch's audit events (other than its registrations'), in order, and removes
+/// the marker row: both in the batch's transaction, just before its `COMMIT`.
+fn record(conn: &Connection, events: &[EventRow], marker: Marker) -> Result<(), StoreError> {
+    for e in events {
+        let id = insert_event(conn, e)?;
+        // A roll's new credential: its row points at the event that made it (the schema's
+        // trigger does this only for rows written by SQL).
+        if e.event == "issued" || e.event == "registered" {
+            conn.prepare_cached(
+                "UPDATE api_credential SET registered_event = ?1 WHERE api_key = ?2",
+            )?
+            .execute(params![id, e.api_key])?;
         }
     }
     if marker.0 {
@@ -596,7 +597,7 @@ fn record(conn: &Connection, events: &[EventOf<'_>], marker: Marker) -> Result<(
 /// nothing and is answered even while the disk is full.
 fn register_all(
     conn: &Connection,
-    news: &[(&NewCredential, &RowText)],
+    news: &[(&NewCredential, &RowText, &EventRow)],
     marker: &mut Marker,
 ) -> rusqlite::Result<Vec<Registration>> {
     if news.is_empty() {
@@ -605,20 +606,21 @@ fn register_all(
     let mut stored = conn.prepare_cached("SELECT 1 FROM api_credential WHERE api_key = ?1")?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO api_credential \
-         (api_key, name, owner, meta, scopes, expires_at, master_key_id) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (api_key) DO NOTHING",
+         (api_key, name, owner, meta, scopes, expires_at, master_key_id, registered_event) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (api_key) DO NOTHING",
     )?;
     let mut seen: HashSet<&str> = HashSet::with_capacity(news.len());
     let mut outcomes = Vec::with_capacity(news.len());
-    for (new, row) in news {
+    for (new, row, event) in news {
         let key = new.api_key.as_str();
         if !seen.insert(key) || stored.exists([key])? {
             outcomes.push(Registration::Duplicate);
             continue;
         }
         marker.set(conn)?;
-        // Created only when this statement stored the row (an operator's trigger could
-        // skip it).
+        // The event first, so the row is written once, with its event's id (an update of
+        // the row after it would write the row twice).
+        let event_id = insert_event(conn, event)?;
         let inserted = insert.execute(params![
             key,
             new.name,
@@ -627,10 +629,15 @@ fn register_all(
             row.scopes,
             row.expires_at,
             new.master_key_id,
+            event_id,
         ])?;
+        // Created only when this statement stored the row (an operator's trigger could
+        // skip it); then nothing was registered, and no event says otherwise.
         outcomes.push(if inserted == 1 {
             Registration::Created
         } else {
+            conn.prepare_cached("DELETE FROM api_credential_event WHERE id = ?1")?
+                .execute([event_id])?;
             Registration::Duplicate
         });
     }
