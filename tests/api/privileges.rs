@@ -153,6 +153,33 @@ async fn registration_stores_attributes_and_listing_filters_them(backend: Backen
             .await
             .is_empty()
     );
+    // An owner's credentials a page at a time, following the cursor, with other owners' and
+    // owner-less credentials on either side of them in key order.
+    let mut tenant = vec![owned.key.clone()];
+    for _ in 0..3 {
+        let pair = app
+            .registered_with(json!({ "owner": "tenant:42/acme@eu" }), Some(&named))
+            .await;
+        tenant.push(pair.key.clone());
+        app.registered_with(json!({ "owner": "tenant:7" }), Some(&named))
+            .await;
+    }
+    tenant.sort();
+    let mut paged = Vec::new();
+    let mut path = "/credentials?limit=1&owner=tenant:42/acme@eu".to_owned();
+    loop {
+        let body: Value = get(&app, &path, &named).await.json().await.unwrap();
+        for c in body["credentials"].as_array().unwrap() {
+            paged.push(c["api_key"].as_str().unwrap().to_owned());
+        }
+        match body["next"].as_str() {
+            Some(next) => {
+                path = format!("/credentials?limit=1&owner=tenant:42/acme@eu&after={next}")
+            }
+            None => break,
+        }
+    }
+    assert_eq!(paged, tenant);
     let record = app.record(&soon.key, &named).await;
     assert_eq!(record["state"], "expired");
     for (query, field) in [
