@@ -135,7 +135,9 @@ pub(super) async fn register(
     match state.store.register(&new, &origin).await? {
         Registration::Created => {
             state.metrics.registered();
-            tracing::info!(api_key = %key, "credential registered");
+            // Open registration is the high-volume write: one line each is a request line,
+            // at `debug` like those (the audit log records every registration).
+            tracing::debug!(api_key = %key, "credential registered");
             Ok((
                 StatusCode::CREATED,
                 Json(json!({ "api_key": key.as_str() })),
