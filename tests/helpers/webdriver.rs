@@ -3,6 +3,7 @@
 //! stopped when dropped. Only what the console tests use.
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,11 @@ pub struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // The whole process group: chromedriver's Chromium processes would outlive it.
+        if let Ok(group) = i32::try_from(self.driver.id()) {
+            // SAFETY: kill(2) takes plain integers and touches no memory.
+            unsafe { libc::kill(-group, libc::SIGKILL) };
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -40,6 +46,8 @@ impl Browser {
             .port();
         let driver = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            // A group of its own, which it and the browser it starts share.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
