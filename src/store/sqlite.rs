@@ -681,20 +681,27 @@ fn list_sql(after: bool, owner: bool) -> &'static str {
     }
 }
 
+/// A migrated database file in a directory of its own, for unit tests.
+#[cfg(test)]
+pub(super) async fn migrated_file() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("credgate.db");
+    SqliteStore::migrate(&path)
+        .await
+        .expect("a migrated database");
+    (dir, path)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::list_sql;
+    use super::{list_sql, migrated_file};
 
     /// Each variant of the listing reads from where its page starts: the cursor through the
     /// key, an owner's credentials through their index. (Its results are checked by the API
     /// tests; this checks what SQLite makes of it.)
     #[tokio::test]
     async fn a_listing_page_starts_at_its_cursor_and_an_owner_uses_its_index() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("credgate.db");
-        super::SqliteStore::migrate(&path)
-            .await
-            .expect("a migrated database");
+        let (_dir, path) = migrated_file().await;
         let conn = rusqlite::Connection::open(&path).expect("a connection");
         for (after, owner, expect) in [
             (

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use super::lookups::parse_time;
 use super::{FileIdentity, WriteHealth};
 use crate::attributes::format_time;
-use crate::audit::{NewEvent, Origin};
+use crate::audit::{EventKind, NewEvent, Origin};
 use crate::credential::ApiKey;
 use crate::store::{
     CredentialRow, NewCredential, Registration, Revocation, Rolled, StoreError, Update, Updated,
@@ -129,6 +129,24 @@ impl EventRow {
             actor: event.actor,
             source: event.source,
         }
+    }
+
+    /// The values of [`INSERT_EVENT`].
+    fn values(&self) -> [&dyn rusqlite::ToSql; 5] {
+        [
+            &self.api_key,
+            &self.event,
+            &self.actor,
+            &self.source,
+            &self.detail,
+        ]
+    }
+
+    /// Whether this event made its credential (which then points at it).
+    fn makes_credential(&self) -> bool {
+        [EventKind::Registered, EventKind::Issued]
+            .iter()
+            .any(|kind| kind.as_str() == self.event)
     }
 }
 
@@ -561,24 +579,19 @@ fn apply_within(
     Ok(())
 }
 
-/// Inserts an audit event; its id.
-fn insert_event(conn: &Connection, e: &EventRow) -> rusqlite::Result<i64> {
-    conn.prepare_cached(
-        "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![e.api_key, e.event, e.actor, e.source, e.detail])?;
-    Ok(conn.last_insert_rowid())
-}
+/// Inserts an audit event (`Statement::insert` answers its id).
+const INSERT_EVENT: &str = "INSERT INTO api_credential_event (api_key, event, actor, source, detail) \
+                            VALUES (?1, ?2, ?3, ?4, ?5)";
 
 /// Writes a batch's audit events (other than its registrations'), in order, and removes
 /// the marker row: both in the batch's transaction, just before its `COMMIT`.
 fn record(conn: &Connection, events: &[EventRow], marker: Marker) -> Result<(), StoreError> {
+    let mut insert = conn.prepare_cached(INSERT_EVENT)?;
     for e in events {
-        let id = insert_event(conn, e)?;
+        let id = insert.insert(e.values())?;
         // A roll's new credential: its row points at the event that made it (the schema's
         // trigger does this only for rows written by SQL).
-        if e.event == "issued" || e.event == "registered" {
+        if e.makes_credential() {
             conn.prepare_cached(
                 "UPDATE api_credential SET registered_event = ?1 WHERE api_key = ?2",
             )?
@@ -592,8 +605,8 @@ fn record(conn: &Connection, events: &[EventRow], marker: Marker) -> Result<(), 
     Ok(())
 }
 
-/// Registers a batch's credentials, in order: the first of several registrations of one key
-/// wins. Stored keys are found before anything is written, so a batch of duplicates writes
+/// Registers a batch's credentials, in order, each with its event: the first of several
+/// registrations of one key wins. Stored keys are found before anything is written, so a batch of duplicates writes
 /// nothing and is answered even while the disk is full.
 fn register_all(
     conn: &Connection,
@@ -604,6 +617,7 @@ fn register_all(
         return Ok(Vec::new());
     }
     let mut stored = conn.prepare_cached("SELECT 1 FROM api_credential WHERE api_key = ?1")?;
+    let mut insert_event = conn.prepare_cached(INSERT_EVENT)?;
     let mut insert = conn.prepare_cached(
         "INSERT INTO api_credential \
          (api_key, name, owner, meta, scopes, expires_at, master_key_id, registered_event) \
@@ -620,7 +634,7 @@ fn register_all(
         marker.set(conn)?;
         // The event first, so the row is written once, with its event's id (an update of
         // the row after it would write the row twice).
-        let event_id = insert_event(conn, event)?;
+        let event_id = insert_event.insert(event.values())?;
         let inserted = insert.execute(params![
             key,
             new.name,
@@ -781,11 +795,7 @@ mod tests {
     /// here with neither the checkpointer nor the writer's own checkpoint).
     #[tokio::test]
     async fn the_wal_starts_over_under_back_to_back_commits() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("credgate.db");
-        super::super::SqliteStore::migrate(&path)
-            .await
-            .expect("a migrated database");
+        let (_dir, path) = super::super::migrated_file().await;
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let beside = path.clone();
         let checkpoints =
