@@ -155,6 +155,16 @@ async fn every_change_made_through_the_api_has_its_event(backend: Backend) {
         let own = app.events(&format!("api_key={key}"), &admin).await;
         assert_eq!(own[0]["event"], first, "{key}: {own:?}");
         assert_eq!(own[0]["api_key"], key.as_str());
+        if matches!(backend, Backend::Sqlite) {
+            // SQLite's writer stamps a batch's rows and events with one time.
+            let record: Value = app
+                .send(Method::GET, &format!("/credentials/{key}"), Some(&admin))
+                .await
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(record["created_at"], own[0]["at"], "{key}");
+        }
     }
 
     // No secret anywhere in the log.
