@@ -8,6 +8,13 @@ use clap::Parser as _;
 
 mod cli;
 
+/// jemalloc rather than the system allocator: with glibc's, `malloc` and `free` were a fifth
+/// of the async runtime's CPU in a durable registration (their consolidation of small
+/// freed chunks, and chunks freed on another thread than the one that allocated them: the
+/// writer's). Measured in BENCHMARKS.md, with the RSS target still met.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Longest the exit waits for work left in the async runtime once the command has finished.
 const RUNTIME_SHUTDOWN_LIMIT: Duration = Duration::from_millis(200);
 
