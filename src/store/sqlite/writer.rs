@@ -631,7 +631,7 @@ fn register_all(
     let mut stored = conn.prepare_cached("SELECT 1 FROM api_credential WHERE api_key = ?1")?;
     let mut insert_event = conn.prepare_cached(INSERT_EVENT)?;
     let mut insert = conn.prepare_cached(
-        "INSERT OR ROLLBACK INTO api_credential \
+        "INSERT INTO api_credential \
          (api_key, name, owner, meta, scopes, expires_at, master_key_id, registered_event, \
           created_at) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT (api_key) DO NOTHING",
