@@ -132,15 +132,15 @@ impl EventRow {
     }
 
     /// The values of [`INSERT_EVENT`], written `at`.
-    fn values<'a>(&'a self, at: &'a &'a str) -> [&'a dyn rusqlite::ToSql; 6] {
-        [
+    fn values<'a>(&'a self, at: &'a str) -> impl rusqlite::Params + 'a {
+        (
             &self.api_key,
-            &self.event,
+            self.event,
             &self.actor,
-            &self.source,
+            self.source,
             &self.detail,
             at,
-        ]
+        )
     }
 
     /// Whether this event made its credential (which then points at it).
@@ -599,7 +599,7 @@ fn record(
 ) -> Result<(), StoreError> {
     let mut insert = conn.prepare_cached(INSERT_EVENT)?;
     for e in events {
-        let id = insert.insert(e.values(&at))?;
+        let id = insert.insert(e.values(at))?;
         // A roll's new credential: its row points at the event that made it (the schema's
         // trigger does this only for rows written by SQL).
         if e.makes_credential() {
@@ -617,8 +617,8 @@ fn record(
 }
 
 /// Registers a batch's credentials, in order, each with its event: the first of several
-/// registrations of one key wins. Stored keys are found before anything is written, so a batch of duplicates writes
-/// nothing and is answered even while the disk is full.
+/// registrations of one key wins. Stored keys are found before anything is written, so a
+/// batch of duplicates writes nothing and is answered even while the disk is full.
 fn register_all(
     conn: &Connection,
     news: &[(&NewCredential, &RowText, &EventRow)],
@@ -647,7 +647,7 @@ fn register_all(
         marker.set(conn)?;
         // The event first, so the row is written once, with its event's id (an update of
         // the row after it would write the row twice).
-        let event_id = insert_event.insert(event.values(&at))?;
+        let event_id = insert_event.insert(event.values(at))?;
         let inserted = insert.execute(params![
             key,
             new.name,
