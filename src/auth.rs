@@ -179,6 +179,9 @@ pub struct CacheSettings {
     pub last_used_interval: Duration,
 }
 
+/// The keys queued for a last-used write.
+type UsedKeys = std::collections::HashSet<ApiKey, foldhash::fast::RandomState>;
+
 /// Slots of the last-used notes: a power of two.
 const USAGE_SLOTS: usize = 1 << 14;
 
@@ -190,7 +193,7 @@ const USAGE_BATCH: usize = 100_000;
 /// Keys written per `touch`, in key order: each is one write of the store's writer, so
 /// other writes are not held behind a whole interval's keys, and in key order the rows of
 /// one chunk share pages.
-const TOUCH_CHUNK: usize = 5_000;
+const TOUCH_CHUNK: usize = 1_000;
 
 /// Which credentials authenticated in the current interval (SPEC §8.4), noted at the cost of
 /// one hash and one relaxed atomic load per authentication; the first use of a key in an
@@ -202,8 +205,9 @@ struct Usage {
     slots: Box<[AtomicU64]>,
     /// Counts flushes: the current interval.
     interval: AtomicU64,
-    /// Keys used in this interval, not yet written.
-    pending: std::sync::Mutex<std::collections::HashSet<ApiKey>>,
+    /// Keys used in this interval, not yet written. Hashed with foldhash: only authenticated
+    /// keys get here (see [`Inner::cache`]).
+    pending: std::sync::Mutex<UsedKeys>,
     /// Wakes the writer when `pending` holds a batch.
     full: Arc<tokio::sync::Notify>,
     hasher: foldhash::fast::FixedState,
@@ -238,7 +242,7 @@ impl Usage {
         }
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<ApiKey>> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, UsedKeys> {
         // A plain set: a panic elsewhere cannot leave it half-updated.
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -266,17 +270,35 @@ const IDS_BATCH: usize = 1_000;
 async fn write_learnt(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync::Notify>) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
+    let mut next_tick = tick.tick().await + every;
     loop {
         let ended = tokio::select! {
-            _ = tick.tick() => true,
+            at = tick.tick() => {
+                next_tick = at + every;
+                true
+            }
             () = wake.notified() => false,
         };
         let Some(inner) = inner.upgrade() else { return };
         let learnt = inner.learnt(ended);
         drop(inner);
-        learnt.write().await;
+        // An interval's end is written at once (a value at most one interval late); a batch
+        // that filled early has until the interval ends, and is paced.
+        learnt.write((!ended).then_some(next_tick)).await;
     }
+}
+
+/// How much longer than a chunk's write a paced batch waits before its next chunk: last-used
+/// writes then take about a tenth of the writer's time, and a burst of newly used keys
+/// neither holds registrations back nor takes a core from requests for long.
+const PACE: u32 = 9;
+
+/// The pause of a paced batch after a chunk that took `took`, with `left` chunks still to
+/// write in `room`: [`PACE`] times the chunk, but never so long that the rest, at this
+/// chunk's speed, would end after the deadline.
+fn pause(took: Duration, left: usize, room: Duration) -> Duration {
+    let share = room / u32::try_from(left.max(1)).unwrap_or(u32::MAX);
+    took.saturating_mul(PACE).min(share.saturating_sub(took))
 }
 
 /// One batch of what authentication learnt, taken from the queues.
@@ -289,9 +311,10 @@ struct Learnt {
 }
 
 impl Learnt {
-    /// Writes the batch. Coarse by design: a failed write is logged and not retried; the next
-    /// use of each key is noted again, and its id learnt at its next miss.
-    async fn write(self) {
+    /// Writes the batch: at once, or, given a deadline, paced (see [`PACE`]) so that it ends
+    /// by then. Coarse by design: a failed write is logged and not retried; the next use of
+    /// each key is noted again, and its id learnt at its next miss.
+    async fn write(self, until: Option<tokio::time::Instant>) {
         let Self {
             store,
             mut keys,
@@ -299,9 +322,20 @@ impl Learnt {
         } = self;
         keys.sort_unstable();
         let at = chrono::Utc::now();
-        for chunk in keys.chunks(TOUCH_CHUNK) {
+        let mut chunks = keys.chunks(TOUCH_CHUNK);
+        while let Some(chunk) = chunks.next() {
+            let started = tokio::time::Instant::now();
             if let Err(e) = store.touch(chunk, at).await {
                 tracing::warn!(error = %e.report(), keys = chunk.len(), "cannot write last_used_at");
+            }
+            if let Some(until) = until.filter(|_| chunks.len() > 0) {
+                let now = tokio::time::Instant::now();
+                let pause = pause(
+                    now.saturating_duration_since(started),
+                    chunks.len(),
+                    until.saturating_duration_since(now),
+                );
+                tokio::time::sleep(pause).await;
             }
         }
         let mut by_id: std::collections::HashMap<String, Vec<ApiKey>> = Default::default();
@@ -557,7 +591,7 @@ impl Authenticator {
     /// Writes what authentication learnt and has not written yet (last uses, master key ids),
     /// now: for a clean stop, which then loses none.
     pub async fn write_learnt(&self) {
-        self.inner.learnt(true).write().await;
+        self.inner.learnt(true).write(None).await;
     }
 
     /// Drops `key` from the cache at once, after this instance changed its scopes, expiry or
@@ -957,6 +991,34 @@ mod tests {
         first.sort();
         second.sort();
         assert_eq!(first, second);
+    }
+
+    #[test]
+    fn a_paced_batch_rests_nine_times_each_chunk_and_still_ends_by_its_deadline() {
+        let ms = Duration::from_millis;
+        // Plenty of room: nine times the chunk's write.
+        assert_eq!(pause(ms(5), 10, ms(60_000)), ms(45));
+        // Little room: the rest shares it (each chunk's slot 100 ms, minus the write).
+        assert_eq!(pause(ms(20), 10, ms(1_000)), ms(80));
+        // Late, or a chunk slower than its share: no pause at all.
+        assert_eq!(pause(ms(20), 10, ms(100)), Duration::ZERO);
+        assert_eq!(pause(ms(20), 3, Duration::ZERO), Duration::ZERO);
+        // A whole batch at a steady speed: paced when the deadline allows, never past it.
+        let elapsed = |chunks: usize, took: Duration, deadline: Duration| {
+            let mut spent = Duration::ZERO;
+            for left in (0..chunks).rev() {
+                spent += took;
+                if left > 0 {
+                    spent += pause(took, left, deadline.saturating_sub(spent));
+                }
+            }
+            spent
+        };
+        assert_eq!(elapsed(100, ms(7), ms(60_000)), ms(7 * 100 + 63 * 99));
+        let tight = elapsed(100, ms(7), ms(2_000));
+        assert!(tight > ms(1_900) && tight <= ms(2_000), "{tight:?}");
+        // A batch that cannot make it is written flat out.
+        assert_eq!(elapsed(100, ms(30), ms(2_000)), ms(3_000));
     }
 
     #[test]
