@@ -482,7 +482,7 @@ impl Authenticator {
             let secret = parse()?;
             self.verify_derivation(&key, &secret)?;
             self.inner.metrics.cache_miss();
-            let entry = self.load(&key, &secret).await?;
+            let entry = self.load(&key, &secret, presented).await?;
             return Ok(Caller {
                 key,
                 profile: entry.profile,
@@ -516,7 +516,7 @@ impl Authenticator {
                 match cache.get_value_or_guard_async(&key).await {
                     Ok(entry) if entry.stale_ms > self.inner.clock_ms() => entry,
                     found => {
-                        let entry = self.load(&key, &secret).await?;
+                        let entry = self.load(&key, &secret, presented).await?;
                         match found {
                             Err(guard) => {
                                 let _ = guard.insert(entry.clone());
@@ -552,13 +552,22 @@ impl Authenticator {
         }
     }
 
-    async fn load(&self, key: &ApiKey, secret: &ApiSecret) -> Result<Entry, AuthOutcome> {
+    /// Reads `key`'s credential for the cache; `secret` is its parsed derivation, as sent in
+    /// `presented`.
+    async fn load(
+        &self,
+        key: &ApiKey,
+        secret: &ApiSecret,
+        presented: &str,
+    ) -> Result<Entry, AuthOutcome> {
         match self.inner.store.lookup(key).await {
             Ok(Some(record)) => {
                 if record.master_key_id.is_none() {
                     self.learn_master_key_id(key, secret);
                 }
-                self.inner.entry(record, secret.clone())
+                // What was sent parsed, so it is the canonical text: kept as sent.
+                let encoded = EncodedSecret::as_sent(presented).unwrap_or_else(|| secret.encoded());
+                self.inner.entry(record, encoded)
             }
             Ok(None) => Err(AuthOutcome::RejectedUnknown),
             // Logged where the 500 is answered, with its cause.
@@ -670,7 +679,7 @@ impl Inner {
     }
 
     /// The cache entry for a stored credential, or why it does not authenticate.
-    fn entry(&self, record: AuthRecord, secret: ApiSecret) -> Result<Entry, AuthOutcome> {
+    fn entry(&self, record: AuthRecord, secret: EncodedSecret) -> Result<Entry, AuthOutcome> {
         if !record.active {
             return Err(AuthOutcome::RejectedRevoked);
         }
@@ -688,7 +697,7 @@ impl Inner {
             },
             expires_ms,
             stale_ms: self.clock_ms().saturating_add(self.ttl_ms),
-            secret: secret.encoded(),
+            secret,
         })
     }
 

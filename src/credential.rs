@@ -176,17 +176,21 @@ impl EncodedSecret {
     /// time. Anything else — another secret, a malformed value — is `false`. (Its length
     /// is compared first: the length of a well-formed secret is public.)
     pub fn is(&self, presented: &str) -> bool {
-        let Some(text) = presented.strip_prefix(SECRET_PREFIX) else {
-            return false;
-        };
+        Self::as_sent(presented).is_some_and(|sent| sent.0.ct_eq(&self.0).into())
+    }
+
+    /// A presented value's text after `sk_`, as words: `None` unless it is `sk_` and 43
+    /// characters. For a value [`ApiSecret::parse`] accepted, the same as
+    /// [`ApiSecret::encoded`] without encoding again (the canonical text is the only one that
+    /// parses).
+    pub fn as_sent(presented: &str) -> Option<Self> {
+        let text = presented.strip_prefix(SECRET_PREFIX)?;
         if text.len() != SECRET_CHARS {
-            return false;
+            return None;
         }
         let mut padded = [0u8; ENCODED_WORDS * 8];
         padded[..SECRET_CHARS].copy_from_slice(text.as_bytes());
-        words::<{ ENCODED_WORDS * 8 }, ENCODED_WORDS>(&padded)
-            .ct_eq(&self.0)
-            .into()
+        Some(Self(words::<{ ENCODED_WORDS * 8 }, ENCODED_WORDS>(&padded)))
     }
 }
 
@@ -515,6 +519,18 @@ mod tests {
         let derived = SecretDeriver::new(&MasterKey::from_bytes([3; 32])).secret_for(&key);
         assert!(derived.encoded().is(&derived.expose()));
         assert!(!derived.encoded().is(good));
+        // Kept as sent, a parsed secret is the same as encoded again.
+        let sent = EncodedSecret::as_sent(&derived.expose()).unwrap();
+        assert_eq!(sent.0, derived.encoded().0);
+        assert!(sent.is(&derived.expose()));
+        for malformed in [
+            "",
+            "sk_",
+            good.trim_start_matches("sk_"),
+            &good[..good.len() - 1],
+        ] {
+            assert!(EncodedSecret::as_sent(malformed).is_none(), "{malformed:?}");
+        }
     }
 
     #[test]
