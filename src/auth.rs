@@ -279,12 +279,66 @@ async fn write_learnt(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync
             }
             () = wake.notified() => false,
         };
-        let Some(inner) = inner.upgrade() else { return };
-        let learnt = inner.learnt(ended);
-        drop(inner);
-        // An interval's end is written at once (a value at most one interval late); a batch
-        // that filled early has until the interval ends, and is paced.
-        learnt.write((!ended).then_some(next_tick)).await;
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let learnt = strong.learnt(ended);
+        if ended {
+            // An interval's end is written at once: a value at most one interval late.
+            drop(strong);
+            learnt.write().await;
+            continue;
+        }
+        // A batch that filled early has until the interval ends: its keys are queued and
+        // written paced, and what is left of them when the service stops cleanly is written
+        // with the rest ([`Inner::learnt`] takes it).
+        let Learnt { store, keys, ids } = learnt;
+        strong.queue_paced(keys);
+        drop(strong);
+        Learnt {
+            store: store.clone(),
+            keys: Vec::new(),
+            ids,
+        }
+        .write()
+        .await;
+        write_paced(&inner, &store, next_tick).await;
+    }
+}
+
+/// Writes the paced queue chunk by chunk, resting after each (see [`pause`]), until it is
+/// empty or the authenticator is gone.
+async fn write_paced(
+    inner: &Weak<Inner>,
+    store: &Arc<dyn CredentialStore>,
+    until: tokio::time::Instant,
+) {
+    let at = chrono::Utc::now();
+    while let Some((chunk, left)) = inner.upgrade().and_then(|inner| inner.next_paced()) {
+        let started = tokio::time::Instant::now();
+        touch(store, &chunk, at).await;
+        if left == 0 {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let pause = pause(
+            now.saturating_duration_since(started),
+            left,
+            until.saturating_duration_since(now),
+        );
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Writes `last_used_at` of one chunk of keys. Coarse by design: a failure is logged and not
+/// retried; the next use of each key is noted again.
+async fn touch(
+    store: &Arc<dyn CredentialStore>,
+    keys: &[ApiKey],
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    if let Err(e) = store.touch(keys, at).await {
+        tracing::warn!(error = %e.report(), keys = keys.len(), "cannot write last_used_at");
     }
 }
 
@@ -311,10 +365,9 @@ struct Learnt {
 }
 
 impl Learnt {
-    /// Writes the batch: at once, or, given a deadline, paced (see [`PACE`]) so that it ends
-    /// by then. Coarse by design: a failed write is logged and not retried; the next use of
-    /// each key is noted again, and its id learnt at its next miss.
-    async fn write(self, until: Option<tokio::time::Instant>) {
+    /// Writes the batch, at once. Coarse by design: a failed write is logged and not retried;
+    /// the next use of each key is noted again, and its id learnt at its next miss.
+    async fn write(self) {
         let Self {
             store,
             mut keys,
@@ -322,21 +375,8 @@ impl Learnt {
         } = self;
         keys.sort_unstable();
         let at = chrono::Utc::now();
-        let mut chunks = keys.chunks(TOUCH_CHUNK);
-        while let Some(chunk) = chunks.next() {
-            let started = tokio::time::Instant::now();
-            if let Err(e) = store.touch(chunk, at).await {
-                tracing::warn!(error = %e.report(), keys = chunk.len(), "cannot write last_used_at");
-            }
-            if let Some(until) = until.filter(|_| chunks.len() > 0) {
-                let now = tokio::time::Instant::now();
-                let pause = pause(
-                    now.saturating_duration_since(started),
-                    chunks.len(),
-                    until.saturating_duration_since(now),
-                );
-                tokio::time::sleep(pause).await;
-            }
+        for chunk in keys.chunks(TOUCH_CHUNK) {
+            touch(&store, chunk, at).await;
         }
         let mut by_id: std::collections::HashMap<String, Vec<ApiKey>> = Default::default();
         for (key, id) in ids {
@@ -391,6 +431,8 @@ struct Inner {
     _follower: Option<AbortOnDrop>,
     /// Last-used notes; `None` when tracking is off.
     usage: Option<Usage>,
+    /// Keys of a batch that filled early, still to be written at the writer's pace.
+    paced: std::sync::Mutex<Vec<ApiKey>>,
     /// Master key ids learnt for credentials registered before ids were recorded.
     pending_ids: std::sync::Mutex<Vec<(ApiKey, String)>>,
     /// Wakes the writer of what was learnt before its interval ends.
@@ -442,6 +484,7 @@ impl Authenticator {
                 .ok()
                 .map(|rt| AbortOnDrop(rt.spawn(follow(me.clone(), changes)))),
             usage: (!last_used.is_zero()).then(|| Usage::new(wake.clone())),
+            paced: std::sync::Mutex::default(),
             pending_ids: std::sync::Mutex::default(),
             wake_writer: wake.clone(),
             _writer: tokio::runtime::Handle::try_current().ok().map(|rt| {
@@ -600,7 +643,7 @@ impl Authenticator {
     /// Writes what authentication learnt and has not written yet (last uses, master key ids),
     /// now: for a clean stop, which then loses none.
     pub async fn write_learnt(&self) {
-        self.inner.learnt(true).write(None).await;
+        self.inner.learnt(true).write().await;
     }
 
     /// Drops `key` from the cache at once, after this instance changed its scopes, expiry or
@@ -660,17 +703,42 @@ impl Inner {
     /// What is queued for writing: the store, the keys used (starting a new interval when
     /// `next_interval`) and the learnt master key ids.
     fn learnt(&self, next_interval: bool) -> Learnt {
-        let keys = self
+        let mut keys = self
             .usage
             .as_ref()
             .map(|u| u.take(next_interval))
             .unwrap_or_default();
+        keys.append(&mut self.paced());
         let ids = std::mem::take(&mut *self.pending_ids());
         Learnt {
             store: self.store.clone(),
             keys,
             ids,
         }
+    }
+
+    fn paced(&self) -> std::sync::MutexGuard<'_, Vec<ApiKey>> {
+        // A plain list: a panic elsewhere cannot leave it half-updated.
+        self.paced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds keys to the paced queue, kept sorted so that each chunk is one key range.
+    fn queue_paced(&self, keys: Vec<ApiKey>) {
+        let mut paced = self.paced();
+        paced.extend(keys);
+        paced.sort_unstable();
+        paced.dedup();
+    }
+
+    /// The next chunk of the paced queue, and how many chunks are left after it.
+    fn next_paced(&self) -> Option<(Vec<ApiKey>, usize)> {
+        let mut paced = self.paced();
+        if paced.is_empty() {
+            return None;
+        }
+        let at = paced.len().saturating_sub(TOUCH_CHUNK);
+        let chunk = paced.split_off(at);
+        Some((chunk, paced.len().div_ceil(TOUCH_CHUNK)))
     }
 
     fn pending_ids(&self) -> std::sync::MutexGuard<'_, Vec<(ApiKey, String)>> {
@@ -1028,6 +1096,27 @@ mod tests {
         assert!(tight > ms(1_900) && tight <= ms(2_000), "{tight:?}");
         // A batch that cannot make it is written flat out.
         assert_eq!(elapsed(100, ms(30), ms(2_000)), ms(3_000));
+    }
+
+    /// What is left of a paced batch is taken with the rest when the service stops cleanly
+    /// (or at the interval's end), so no key of it is lost.
+    #[tokio::test]
+    async fn the_rest_of_a_paced_batch_is_written_with_the_next_batch() {
+        let (_store, auth) = held(0);
+        let mut keys: Vec<ApiKey> = (0..2 * TOUCH_CHUNK + 500)
+            .map(|_| ApiKey::generate())
+            .collect();
+        auth.inner.queue_paced(keys[..TOUCH_CHUNK].to_vec());
+        auth.inner.queue_paced(keys.clone());
+        let (first, left) = auth.inner.next_paced().expect("a chunk");
+        assert_eq!((first.len(), left), (TOUCH_CHUNK, 2));
+        assert!(first.is_sorted());
+        let mut rest = auth.inner.learnt(true).keys;
+        assert!(auth.inner.next_paced().is_none());
+        rest.extend(first);
+        rest.sort();
+        keys.sort();
+        assert_eq!(rest, keys);
     }
 
     #[test]
