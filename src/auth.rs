@@ -282,27 +282,20 @@ async fn write_learnt(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync
         let Some(strong) = inner.upgrade() else {
             return;
         };
-        let learnt = strong.learnt(ended);
-        if ended {
-            // An interval's end is written at once: a value at most one interval late.
-            drop(strong);
-            learnt.write().await;
-            continue;
+        let mut learnt = strong.learnt(ended);
+        if !ended {
+            // A batch that filled early has until the interval ends: its keys are queued and
+            // written paced, and what is left of them when the service stops cleanly is
+            // written with the rest ([`Inner::learnt`] takes it). An interval's end is
+            // written at once: a value at most one interval late.
+            strong.queue_paced(std::mem::take(&mut learnt.keys));
         }
-        // A batch that filled early has until the interval ends: its keys are queued and
-        // written paced, and what is left of them when the service stops cleanly is written
-        // with the rest ([`Inner::learnt`] takes it).
-        let Learnt { store, keys, ids } = learnt;
-        strong.queue_paced(keys);
         drop(strong);
-        Learnt {
-            store: store.clone(),
-            keys: Vec::new(),
-            ids,
+        let store = learnt.store.clone();
+        learnt.write().await;
+        if !ended {
+            write_paced(&inner, &store, next_tick).await;
         }
-        .write()
-        .await;
-        write_paced(&inner, &store, next_tick).await;
     }
 }
 
