@@ -227,7 +227,10 @@ fn spawn_connection(http: &http1::Builder, router: &Router, admitted: Admitted, 
             response
         }
     });
-    let peer = stream.peer_addr().ok().map(|addr| addr.ip());
+    let peer = stream
+        .peer_addr()
+        .ok()
+        .map(|addr| std::sync::Arc::from(addr.ip().to_string()));
     let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
     // Requests are served inside this task (HTTP/1 runs the handler in the connection's
     // future), so the peer address set here is what an audited write records.

@@ -150,7 +150,7 @@ impl CredentialStore for PgStore {
         new: &NewCredential,
         origin: &Origin,
     ) -> Result<Registration, StoreError> {
-        let event = origin.registered(new);
+        let event = origin.registered(new).map_err(encode)?;
         // One statement: the event is inserted only with the row, in its transaction.
         let done = timed(
             &self.metrics,
@@ -189,7 +189,7 @@ impl CredentialStore for PgStore {
         update: &Update,
         origin: &Origin,
     ) -> Result<Updated, StoreError> {
-        let event = origin.updated(key, update);
+        let event = origin.updated(key, update).map_err(encode)?;
         let changed = timed(
             &self.metrics,
             "update",
@@ -328,7 +328,10 @@ impl CredentialStore for PgStore {
                     .fetch_one(&mut *tx)
                     .await?;
                 let record = CredentialRecord::from(row);
-                record_events(&mut tx, &origin.rolled(old, new, &record, old_until)).await?;
+                let events = origin
+                    .rolled(old, new, &record, old_until)
+                    .map_err(encode)?;
+                record_events(&mut tx, &events).await?;
                 tx.commit().await?;
                 Ok(Rolled::Rolled(Box::new(record)))
             }),
@@ -338,7 +341,7 @@ impl CredentialStore for PgStore {
     }
 
     async fn revoke(&self, key: &ApiKey, origin: &Origin) -> Result<Revocation, StoreError> {
-        let event = origin.revoked(key);
+        let event = origin.revoked(key).map_err(encode)?;
         let done = timed(
             &self.metrics,
             "revoke",
@@ -482,6 +485,11 @@ impl CredentialStore for PgStore {
     async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// An event's detail that could not be written as JSON.
+fn encode(e: serde_json::Error) -> sqlx::Error {
+    sqlx::Error::Encode(Box::new(e))
 }
 
 /// Inserts audit events within a transaction, in order.

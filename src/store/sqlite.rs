@@ -30,7 +30,7 @@ use crate::audit::{Event, EventQuery, Origin};
 use crate::credential::ApiKey;
 use crate::telemetry::Metrics;
 use chrono::{DateTime, Utc};
-use writer::{EventRow, Message, Roll, RowText, WriteOp};
+use writer::{EventRow, Message, Roll, RowText, WriteOp, encode};
 
 mod lookups;
 mod writer;
@@ -385,7 +385,7 @@ impl CredentialStore for SqliteStore {
         origin: &Origin,
     ) -> Result<Registration, StoreError> {
         let row = Box::new(RowText::of(new)?);
-        let event = Box::new(EventRow::of(origin.registered(new)));
+        let event = Box::new(EventRow::of(origin.registered(new).map_err(encode)?));
         let new = Box::new(new.clone());
         self.write(|reply| WriteOp::Register {
             new,

@@ -117,13 +117,13 @@ pub(super) struct EventRow {
     event: &'static str,
     actor: Option<String>,
     source: &'static str,
-    detail: String,
+    detail: Box<serde_json::value::RawValue>,
 }
 
 impl EventRow {
     pub(super) fn of(event: NewEvent) -> Self {
         Self {
-            detail: event.detail.to_string(),
+            detail: event.detail,
             api_key: event.api_key,
             event: event.event,
             actor: event.actor,
@@ -138,7 +138,7 @@ impl EventRow {
             self.event,
             &self.actor,
             self.source,
-            &self.detail,
+            self.detail.get(),
             at,
         )
     }
@@ -151,7 +151,8 @@ impl EventRow {
     }
 }
 
-fn encode(e: serde_json::Error) -> StoreError {
+/// A value that could not be written as JSON for the database.
+pub(super) fn encode(e: serde_json::Error) -> StoreError {
     StoreError::from(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }
 
@@ -516,7 +517,7 @@ fn apply_within(
             } => {
                 let updated = self::update(conn, key, update, marker)?;
                 if matches!(updated, Updated::Changed(_)) {
-                    events.push(EventRow::of(origin.updated(key, update)));
+                    events.push(EventRow::of(origin.updated(key, update).map_err(encode)?));
                 }
                 Outcome::Update(updated)
             }
@@ -526,6 +527,7 @@ fn apply_within(
                     for made in roll
                         .origin
                         .rolled(&roll.old, &roll.new, record, roll.old_until)
+                        .map_err(encode)?
                     {
                         events.push(EventRow::of(made));
                     }
@@ -565,7 +567,7 @@ fn apply_within(
                     ])?;
                 let revoked = Revocation::from_rows(done as u64);
                 if revoked == Revocation::Revoked {
-                    events.push(EventRow::of(origin.revoked(key)));
+                    events.push(EventRow::of(origin.revoked(key).map_err(encode)?));
                 }
                 Outcome::Revocation(revoked)
             }
@@ -830,7 +832,9 @@ mod tests {
             let (reply, _) = oneshot::channel();
             let register = WriteOp::Register {
                 row: Box::new(RowText::of(&new).expect("row")),
-                event: Box::new(EventRow::of(Origin::cli().registered(&new))),
+                event: Box::new(EventRow::of(
+                    Origin::cli().registered(&new).expect("an event"),
+                )),
                 new: Box::new(new),
                 reply,
             };
