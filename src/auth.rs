@@ -300,7 +300,8 @@ async fn write_learnt(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync
 }
 
 /// Writes the paced queue chunk by chunk, resting after each (see [`pause`]), until it is
-/// empty or the authenticator is gone.
+/// empty or the authenticator is gone. Each chunk also waits for the store to be idle, so
+/// that it is not written with, and ahead of, durable writes in flight.
 async fn write_paced(
     inner: &Weak<Inner>,
     store: &Arc<dyn CredentialStore>,
@@ -309,7 +310,11 @@ async fn write_paced(
     let at = chrono::Utc::now();
     while let Some((chunk, left)) = inner.upgrade().and_then(|inner| inner.next_paced()) {
         let started = tokio::time::Instant::now();
-        touch(store, &chunk, at).await;
+        // The chunk waits for the store to be idle, but leaves each later chunk its reserve
+        // before the deadline.
+        let reserve = CHUNK_RESERVE.saturating_mul(u32::try_from(left + 1).unwrap_or(u32::MAX));
+        let latest = until.checked_sub(reserve).unwrap_or(started).max(started);
+        touch(store, &chunk, at, Some(latest)).await;
         if left == 0 {
             return;
         }
@@ -323,26 +328,37 @@ async fn write_paced(
     }
 }
 
-/// Writes `last_used_at` of one chunk of keys. Coarse by design: a failure is logged and not
-/// retried; the next use of each key is noted again.
+/// Writes `last_used_at` of one chunk of keys: at once, or when the store is idle and by
+/// `latest` at the latest. Coarse by design: a failure is logged and not retried; the next
+/// use of each key is noted again.
 async fn touch(
     store: &Arc<dyn CredentialStore>,
     keys: &[ApiKey],
     at: chrono::DateTime<chrono::Utc>,
+    latest: Option<tokio::time::Instant>,
 ) {
-    if let Err(e) = store.touch(keys, at).await {
+    let written = match latest {
+        Some(latest) => store.touch_when_idle(keys, at, latest.into_std()).await,
+        None => store.touch(keys, at).await,
+    };
+    if let Err(e) = written {
         tracing::warn!(error = %e.report(), keys = keys.len(), "cannot write last_used_at");
     }
 }
+
+/// What a paced chunk leaves before the deadline for each chunk after it: when other writes
+/// kept a chunk waiting that long, the rest still fit (a chunk's write takes a few ms).
+const CHUNK_RESERVE: Duration = Duration::from_millis(50);
 
 /// How much longer than a chunk's write a paced batch waits before its next chunk: last-used
 /// writes then take about a tenth of the writer's time, and a burst of newly used keys
 /// neither holds registrations back nor takes a core from requests for long.
 const PACE: u32 = 9;
 
-/// The pause of a paced batch after a chunk that took `took`, with `left` chunks still to
-/// write in `room`: [`PACE`] times the chunk, but never so long that the rest, at this
-/// chunk's speed, would end after the deadline.
+/// The pause of a paced batch after a chunk that took `took` (its wait for an idle store
+/// included: a busy store is left alone longer), with `left` chunks still to write in
+/// `room`: [`PACE`] times the chunk, but never so long that the rest, at this chunk's speed,
+/// would end after the deadline.
 fn pause(took: Duration, left: usize, room: Duration) -> Duration {
     let share = room / u32::try_from(left.max(1)).unwrap_or(u32::MAX);
     took.saturating_mul(PACE).min(share.saturating_sub(took))
@@ -369,7 +385,7 @@ impl Learnt {
         keys.sort_unstable();
         let at = chrono::Utc::now();
         for chunk in keys.chunks(TOUCH_CHUNK) {
-            touch(&store, chunk, at).await;
+            touch(&store, chunk, at, None).await;
         }
         let mut by_id: std::collections::HashMap<String, Vec<ApiKey>> = Default::default();
         for (key, id) in ids {

@@ -461,6 +461,19 @@ pub trait CredentialStore: Send + Sync + 'static {
     /// already (another instance): one batch per interval (SPEC §8.4).
     async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError>;
 
+    /// [`touch`](Self::touch), for a write that can wait for a moment when the store has
+    /// nothing else to write, until `latest` at the latest: the paced last-used writes,
+    /// which should not hold durable writes back. By default written at once.
+    async fn touch_when_idle(
+        &self,
+        keys: &[ApiKey],
+        at: DateTime<Utc>,
+        latest: std::time::Instant,
+    ) -> Result<(), StoreError> {
+        let _ = latest;
+        self.touch(keys, at).await
+    }
+
     /// Records which master key derived these credentials' secrets, for credentials
     /// registered before that was recorded (SPEC §7.1: learnt at their next successful
     /// authentication). Leaves a recorded id as it is.

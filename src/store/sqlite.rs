@@ -350,9 +350,31 @@ fn json_keys(keys: &[ApiKey]) -> String {
 #[async_trait]
 impl CredentialStore for SqliteStore {
     async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError> {
-        let keys = json_keys(keys);
-        let at = format_time(&at);
-        self.write(|reply| WriteOp::Touch { keys, at, reply }).await
+        let (keys, at) = (json_keys(keys), format_time(&at));
+        self.write(|reply| WriteOp::Touch {
+            keys,
+            at,
+            idle_until: None,
+            reply,
+        })
+        .await
+    }
+
+    /// The writer keeps it aside while other writes keep coming: see `writer::IDLE_AFTER`.
+    async fn touch_when_idle(
+        &self,
+        keys: &[ApiKey],
+        at: DateTime<Utc>,
+        latest: Instant,
+    ) -> Result<(), StoreError> {
+        let (keys, at) = (json_keys(keys), format_time(&at));
+        self.write(|reply| WriteOp::Touch {
+            keys,
+            at,
+            idle_until: Some(latest),
+            reply,
+        })
+        .await
     }
 
     async fn record_master_key_id(&self, keys: &[ApiKey], id: &str) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@
 //! without a hand-off: through an async driver each statement waited for the runtime to
 //! schedule the writer again, behind the very requests whose writes it was holding.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -49,6 +49,12 @@ const WRITER_CHECKPOINT_FRAMES: i64 = 10_000;
 const CHECKPOINT_IDLE: Duration = Duration::from_millis(100);
 const CHECKPOINT_BUSY: Duration = Duration::from_millis(50);
 
+/// How long the queue must stay empty before the writer takes a write that waits for it to
+/// be idle: longer than the gaps between batches under sustained writes, so that a paced
+/// last-used chunk (1 000 rows: several ms of the writer's time and a larger fsync) is not
+/// committed with, and ahead of, the registrations in flight.
+const IDLE_AFTER: Duration = Duration::from_millis(2);
+
 /// What the writer's queue carries.
 pub(super) enum Message {
     Write(WriteOp),
@@ -86,6 +92,9 @@ pub(super) enum WriteOp {
         /// The keys, as a JSON array (read by `json_each`).
         keys: String,
         at: String,
+        /// Written only once the queue is idle, until this time at the latest (see
+        /// [`IDLE_AFTER`]); at once when `None`.
+        idle_until: Option<Instant>,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Revoke {
@@ -104,6 +113,13 @@ pub(super) struct RowText {
     pub(super) meta: String,
     pub(super) scopes: String,
     pub(super) expires_at: Option<String>,
+}
+
+impl WriteOp {
+    /// Whether this write waits, at `now`, for an idle moment.
+    fn waits_for_idle(&self, now: Instant) -> bool {
+        matches!(self, Self::Touch { idle_until: Some(until), .. } if *until > now)
+    }
 }
 
 impl RowText {
@@ -265,14 +281,23 @@ impl Writer {
 
     fn write_until_closed(mut self, rx: &Receiver<Message>, max_batch: usize) {
         let mut batch = Vec::with_capacity(max_batch);
+        // Writes waiting for the queue to be idle, in the order they came.
+        let mut waiting = VecDeque::new();
         let mut watched = Instant::now();
         let mut closing = false;
         while !closing {
-            match rx.recv_timeout(PROBE_EVERY) {
+            let wait = if waiting.is_empty() {
+                PROBE_EVERY
+            } else {
+                IDLE_AFTER
+            };
+            match rx.recv_timeout(wait) {
                 Ok(first) => {
+                    let now = Instant::now();
                     let mut next = Some(first);
                     while let Some(message) = next.take() {
                         match message {
+                            Message::Write(op) if op.waits_for_idle(now) => waiting.push_back(op),
                             Message::Write(op) => batch.push(op),
                             Message::Close => closing = true,
                         }
@@ -280,12 +305,25 @@ impl Writer {
                             next = rx.try_recv().ok();
                         }
                     }
-                    if !batch.is_empty() {
-                        self.commit(&mut batch);
+                }
+                // Idle: one waiting write, alone (another write coming now waits behind
+                // only that one).
+                Err(RecvTimeoutError::Timeout) => batch.extend(waiting.pop_front()),
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Waiting writes whose time is up go with this batch.
+            let now = Instant::now();
+            for _ in 0..waiting.len() {
+                if let Some(op) = waiting.pop_front() {
+                    if op.waits_for_idle(now) {
+                        waiting.push_back(op);
+                    } else {
+                        batch.push(op);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if !batch.is_empty() {
+                self.commit(&mut batch);
             }
             if watched.elapsed() >= PROBE_EVERY {
                 self.watch();
@@ -293,7 +331,8 @@ impl Writer {
             }
         }
         // New writes are refused by now (the store set its flag before sending `Close`):
-        // commit, and answer, every one already queued.
+        // commit, and answer, every one already queued, the waiting ones too.
+        batch.extend(waiting.drain(..));
         loop {
             batch.extend(
                 rx.try_iter()
@@ -816,6 +855,105 @@ fn roll(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer thread on `path`, and its queue.
+    fn start_writer(
+        path: &Path,
+    ) -> (
+        std::sync::mpsc::Sender<Message>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let writer = Writer {
+            conn: Some(connect(path, Duration::from_secs(5)).expect("a connection")),
+            busy_timeout: Duration::from_secs(5),
+            file: Arc::new(FileIdentity::open(path).expect("the file")),
+            health: Arc::new(WriteHealth::default()),
+            metrics: Metrics::new().expect("metrics"),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || writer.run(&rx, 64));
+        (tx, thread)
+    }
+
+    /// A registered key, and the message that sets its last use to `at` when the writer is
+    /// idle, before `until` at the latest.
+    fn touch_when_idle(
+        path: &Path,
+        at: &str,
+        until: Instant,
+    ) -> (ApiKey, Message, oneshot::Receiver<Result<(), StoreError>>) {
+        let conn = connect(path, Duration::from_secs(5)).expect("a connection");
+        let new = NewCredential::new(
+            ApiKey::generate(),
+            crate::attributes::Scopes::parse_list("*").expect("scopes"),
+        );
+        let key = new.api_key.clone();
+        let (reply, _) = oneshot::channel();
+        let register = WriteOp::Register {
+            row: Box::new(RowText::of(&new).expect("row")),
+            event: Box::new(EventRow::of(
+                Origin::cli().registered(&new).expect("an event"),
+            )),
+            new: Box::new(new),
+            reply,
+        };
+        apply(&conn, &[register]).expect("a registration");
+        let (reply, answer) = oneshot::channel();
+        let touch = Message::Write(WriteOp::Touch {
+            keys: format!("[\"{}\"]", key.as_str()),
+            at: at.to_owned(),
+            idle_until: Some(until),
+            reply,
+        });
+        (key, touch, answer)
+    }
+
+    fn last_used(path: &Path, key: &ApiKey) -> Option<String> {
+        connect(path, Duration::from_secs(5))
+            .expect("a connection")
+            .query_row(
+                "SELECT last_used_at FROM api_credential WHERE api_key = ?1",
+                [key.as_str()],
+                |row| row.get(0),
+            )
+            .expect("the credential")
+    }
+
+    /// A write that waits for an idle writer (a paced last-used chunk) is written as soon as
+    /// the queue stays empty a moment, long before its deadline.
+    #[tokio::test]
+    async fn a_write_waiting_for_an_idle_writer_is_written_once_the_queue_is_idle() {
+        let (_dir, path) = super::super::migrated_file().await;
+        let at = "2026-11-28T12:00:00.000Z";
+        let (key, touch, answer) =
+            touch_when_idle(&path, at, Instant::now() + Duration::from_secs(600));
+        let (queue, thread) = start_writer(&path);
+        queue.send(touch).expect("queued");
+        tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .expect("written long before its deadline")
+            .expect("answered")
+            .expect("written");
+        assert_eq!(last_used(&path, &key).as_deref(), Some(at));
+        queue.send(Message::Close).expect("queued");
+        thread.join().expect("the writer ends");
+    }
+
+    /// A clean stop writes, and answers, a write still waiting for an idle moment.
+    #[tokio::test]
+    async fn a_clean_stop_writes_what_waits_for_an_idle_writer() {
+        let (_dir, path) = super::super::migrated_file().await;
+        let at = "2026-11-28T12:00:00.000Z";
+        let (key, touch, answer) =
+            touch_when_idle(&path, at, Instant::now() + Duration::from_secs(600));
+        let (queue, thread) = start_writer(&path);
+        // Both queued before the writer looks: it sees the write, then the stop.
+        queue.send(touch).expect("queued");
+        queue.send(Message::Close).expect("queued");
+        thread.join().expect("the writer ends");
+        answer.await.expect("answered").expect("written");
+        assert_eq!(last_used(&path, &key).as_deref(), Some(at));
+    }
 
     /// Commits back to back, as under sustained load, with the checkpointer beside them:
     /// the WAL starts over instead of growing with every commit (to about 40 000 frames
