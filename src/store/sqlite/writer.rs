@@ -875,14 +875,8 @@ mod tests {
         (tx, thread)
     }
 
-    /// A registered key, and the message that sets its last use to `at` when the writer is
-    /// idle, before `until` at the latest.
-    fn touch_when_idle(
-        path: &Path,
-        at: &str,
-        until: Instant,
-    ) -> (ApiKey, Message, oneshot::Receiver<Result<(), StoreError>>) {
-        let conn = connect(path, Duration::from_secs(5)).expect("a connection");
+    /// Registers a new key, in a transaction of its own.
+    fn register(conn: &Connection) -> ApiKey {
         let new = NewCredential::new(
             ApiKey::generate(),
             crate::attributes::Scopes::parse_list("*").expect("scopes"),
@@ -897,7 +891,19 @@ mod tests {
             new: Box::new(new),
             reply,
         };
-        apply(&conn, &[register]).expect("a registration");
+        apply(conn, &[register]).expect("a registration");
+        key
+    }
+
+    /// A registered key, and the message that sets its last use to `at` when the writer is
+    /// idle, before `until` at the latest.
+    fn touch_when_idle(
+        path: &Path,
+        at: &str,
+        until: Instant,
+    ) -> (ApiKey, Message, oneshot::Receiver<Result<(), StoreError>>) {
+        let conn = connect(path, Duration::from_secs(5)).expect("a connection");
+        let key = register(&conn);
         let (reply, answer) = oneshot::channel();
         let touch = Message::Write(WriteOp::Touch {
             keys: format!("[\"{}\"]", key.as_str()),
@@ -969,19 +975,8 @@ mod tests {
         // No fsync: the test is about frames, not durability, and should be quick.
         conn.pragma_update(None, "synchronous", "OFF")
             .expect("synchronous off");
-        let scopes = crate::attributes::Scopes::parse_list("*").expect("scopes");
         for _ in 0..8_000 {
-            let new = NewCredential::new(ApiKey::generate(), scopes.clone());
-            let (reply, _) = oneshot::channel();
-            let register = WriteOp::Register {
-                row: Box::new(RowText::of(&new).expect("row")),
-                event: Box::new(EventRow::of(
-                    Origin::cli().registered(&new).expect("an event"),
-                )),
-                new: Box::new(new),
-                reply,
-            };
-            apply(&conn, &[register]).expect("a registration");
+            register(&conn);
         }
         drop(stop);
         checkpoints.join().expect("the checkpointer ends");
