@@ -138,22 +138,10 @@ pub(super) async fn register(
             // Open registration is the high-volume write: one line each is a request line,
             // at `debug` like those (the audit log records every registration).
             tracing::debug!(api_key = %key, "credential registered");
-            Ok((StatusCode::CREATED, Json(Created { api_key: key })))
+            Ok((StatusCode::CREATED, Json(Registered { api_key: key })))
         }
         Registration::Duplicate => Err(ApiError::DuplicateApiKey),
     }
-}
-
-/// `POST /credentials`' answer ([`Registered`](super::openapi::Registered) in the document),
-/// written straight from the key rather than through a JSON map.
-#[derive(serde::Serialize)]
-struct Created {
-    #[serde(serialize_with = "key_text")]
-    api_key: ApiKey,
-}
-
-fn key_text<S: serde::Serializer>(key: &ApiKey, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(key.as_str())
 }
 
 /// `PATCH /credentials/{api_key}` (`credentials:write`): each given field replaces the stored

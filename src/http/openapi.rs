@@ -16,6 +16,7 @@ use super::guard::Need;
 use super::{Admits, Declared, handlers};
 use crate::attributes::State;
 use crate::audit::Event;
+use crate::credential::ApiKey;
 use crate::store::CredentialRecord;
 
 /// The parts of the document the handlers' annotations give.
@@ -444,12 +445,18 @@ pub(super) struct RollBody {
     grace_seconds: i64,
 }
 
-/// `POST /credentials`' answer.
-#[derive(ToSchema)]
-#[allow(dead_code)]
+/// `POST /credentials`' answer, serialized as it is documented (straight from the key, not
+/// through a JSON map: registration is the high-volume write).
+#[derive(ToSchema, Serialize)]
 pub(super) struct Registered {
     /// The key registered.
-    api_key: String,
+    #[serde(serialize_with = "key_text")]
+    #[schema(value_type = String)]
+    pub(super) api_key: ApiKey,
+}
+
+fn key_text<S: serde::Serializer>(key: &ApiKey, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(key.as_str())
 }
 
 /// `DELETE /credentials/{api_key}`'s answer.

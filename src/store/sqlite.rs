@@ -214,6 +214,23 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Sets `last_used_at`: at once, or when the writer is idle (by `idle_until`).
+    async fn touch_rows(
+        &self,
+        keys: &[ApiKey],
+        at: DateTime<Utc>,
+        idle_until: Option<Instant>,
+    ) -> Result<(), StoreError> {
+        let (keys, at) = (json_keys(keys), format_time(&at));
+        self.write(|reply| WriteOp::Touch {
+            keys,
+            at,
+            idle_until,
+            reply,
+        })
+        .await
+    }
+
     async fn write<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> WriteOp,
@@ -350,14 +367,7 @@ fn json_keys(keys: &[ApiKey]) -> String {
 #[async_trait]
 impl CredentialStore for SqliteStore {
     async fn touch(&self, keys: &[ApiKey], at: DateTime<Utc>) -> Result<(), StoreError> {
-        let (keys, at) = (json_keys(keys), format_time(&at));
-        self.write(|reply| WriteOp::Touch {
-            keys,
-            at,
-            idle_until: None,
-            reply,
-        })
-        .await
+        self.touch_rows(keys, at, None).await
     }
 
     /// The writer keeps it aside while other writes keep coming: see `writer::IDLE_AFTER`.
@@ -367,14 +377,7 @@ impl CredentialStore for SqliteStore {
         at: DateTime<Utc>,
         latest: Instant,
     ) -> Result<(), StoreError> {
-        let (keys, at) = (json_keys(keys), format_time(&at));
-        self.write(|reply| WriteOp::Touch {
-            keys,
-            at,
-            idle_until: Some(latest),
-            reply,
-        })
-        .await
+        self.touch_rows(keys, at, Some(latest)).await
     }
 
     async fn record_master_key_id(&self, keys: &[ApiKey], id: &str) -> Result<(), StoreError> {
