@@ -30,7 +30,9 @@ fn presented(deriver: &SecretDeriver, key: &ApiKey) -> (String, String) {
 
 /// Authenticates `pair`, which must be accepted.
 async fn accepted(auth: &Authenticator, pair: &(String, String)) {
-    let outcome = auth.authenticate(Some(&pair.0), Some(&pair.1)).await;
+    let outcome = auth
+        .authenticate(Some(pair.0.as_bytes()), Some(pair.1.as_bytes()))
+        .await;
     assert!(
         matches!(outcome, AuthOutcome::Authenticated(_)),
         "{outcome:?}"
@@ -39,7 +41,9 @@ async fn accepted(auth: &Authenticator, pair: &(String, String)) {
 
 /// Authenticates `pair`, whose secret is forged.
 async fn rejected(auth: &Authenticator, pair: &(String, String)) {
-    let outcome = auth.authenticate(Some(&pair.0), Some(&pair.1)).await;
+    let outcome = auth
+        .authenticate(Some(pair.0.as_bytes()), Some(pair.1.as_bytes()))
+        .await;
     assert!(
         matches!(outcome, AuthOutcome::RejectedDerivation),
         "{outcome:?}"

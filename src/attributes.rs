@@ -5,6 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
+use axum::http::HeaderValue;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
@@ -101,8 +102,10 @@ pub struct ScopeSet {
     /// Sorted, for binary search.
     items: Box<[Box<str>]>,
     all: bool,
-    /// Space-separated, as stored and as sent in `X-Credential-Scopes`.
-    joined: bytes::Bytes,
+    /// Space-separated, as stored: the `X-Credential-Scopes` value, checked once per set
+    /// rather than at every answer. `None` when there is no scope, and when a value written
+    /// by hand holds a character no header may carry.
+    header: Option<HeaderValue>,
 }
 
 impl ScopeSet {
@@ -112,11 +115,13 @@ impl ScopeSet {
         let mut items: Vec<Box<str>> = stored.split_ascii_whitespace().map(Box::from).collect();
         items.sort_unstable();
         items.dedup();
-        let joined = items.join(" ");
+        let header = (!items.is_empty())
+            .then(|| HeaderValue::from_maybe_shared(bytes::Bytes::from(items.join(" "))).ok())
+            .flatten();
         Self {
             all: items.iter().any(|s| &**s == scope::ALL),
             items: items.into_boxed_slice(),
-            joined: bytes::Bytes::from(joined),
+            header,
         }
     }
 
@@ -125,9 +130,15 @@ impl ScopeSet {
         self.all || self.items.binary_search_by(|s| (**s).cmp(scope)).is_ok()
     }
 
-    /// Space-separated and sorted; empty when there is none.
-    pub fn joined(&self) -> &bytes::Bytes {
-        &self.joined
+    /// The `X-Credential-Scopes` value: space-separated and sorted. `None` when there is no
+    /// scope ([`ScopeSet::is_empty`]), and when a hand-written one cannot be sent as a header.
+    pub fn header(&self) -> Option<&HeaderValue> {
+        self.header.as_ref()
+    }
+
+    /// Whether there is no scope at all.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
     }
 
     /// The scopes, sorted.
@@ -322,11 +333,16 @@ mod tests {
         let set = ScopeSet::from_stored("orders:read credentials:read");
         assert!(set.holds("orders:read") && set.holds("credentials:read"));
         assert!(!set.holds("orders:write") && !set.holds("*"));
-        assert_eq!(&set.joined()[..], b"credentials:read orders:read");
+        let header = set.header().map(|h| h.as_bytes());
+        assert_eq!(header, Some(&b"credentials:read orders:read"[..]));
         let all = ScopeSet::from_stored("*");
         assert!(all.holds("anything") && all.holds("*"));
         let none = ScopeSet::from_stored("");
-        assert!(!none.holds("a") && none.joined().is_empty());
+        assert!(!none.holds("a") && none.is_empty() && none.header().is_none());
+        // Written by hand with a control character: a set, but no header value.
+        let unsendable = ScopeSet::from_stored("a\u{1}b");
+        assert!(unsendable.holds("a\u{1}b") && !unsendable.is_empty());
+        assert!(unsendable.header().is_none());
     }
 
     #[test]

@@ -54,57 +54,125 @@ pub enum FormatError {
 }
 
 /// A well-formed api_key (`ak_` + 16..64 characters `[A-Za-z0-9]`). Public: it identifies.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ApiKey(String);
+/// Kept in place rather than in a `String`: every authenticated request parses one, and a
+/// cache entry then needs no allocation of its own for its key.
+#[derive(Clone)]
+pub struct ApiKey {
+    len: u8,
+    /// ASCII, prefix included; zero past `len`.
+    text: [u8; KEY_MAX_LEN],
+}
+
+/// Longest api_key, prefix included.
+const KEY_MAX_LEN: usize = KEY_PREFIX.len() + KEY_MAX_CHARS;
+
+/// Which bytes may follow a key's prefix: a table lookup each, rather than the three range
+/// checks of `is_ascii_alphanumeric`.
+static KEY_ALPHABET: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = (b as u8).is_ascii_alphanumeric();
+        b += 1;
+    }
+    table
+};
 
 impl ApiKey {
-    /// Parses a presented api_key.
-    pub fn parse(raw: &str) -> Result<Self, FormatError> {
+    /// Parses a presented api_key: text, or a header value's bytes as sent.
+    pub fn parse(raw: impl AsRef<[u8]>) -> Result<Self, FormatError> {
+        let raw = raw.as_ref();
         if raw.is_empty() {
             return Err(FormatError::Empty);
         }
         let body = raw
-            .strip_prefix(KEY_PREFIX)
+            .strip_prefix(KEY_PREFIX.as_bytes())
             .ok_or(FormatError::Prefix(KEY_PREFIX))?;
         if !(KEY_MIN_CHARS..=KEY_MAX_CHARS).contains(&body.len()) {
             return Err(FormatError::Length("16 to 64"));
         }
-        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        if !body.iter().all(|&b| KEY_ALPHABET[usize::from(b)]) {
             return Err(FormatError::Alphabet("the characters A-Z, a-z and 0-9"));
         }
-        Ok(Self(raw.to_owned()))
+        Ok(Self::from_checked(raw))
     }
 
     /// Mints a fresh random key: `ak_` + 32 base62 characters from a CSPRNG.
     pub fn generate() -> Self {
-        let body: String = rand::rng()
-            .sample_iter(Alphanumeric)
-            .take(MINTED_KEY_CHARS)
-            .map(char::from)
-            .collect();
-        Self(format!("{KEY_PREFIX}{body}"))
+        let mut text = [0u8; KEY_PREFIX.len() + MINTED_KEY_CHARS];
+        text[..KEY_PREFIX.len()].copy_from_slice(KEY_PREFIX.as_bytes());
+        for (b, c) in text[KEY_PREFIX.len()..]
+            .iter_mut()
+            .zip(rand::rng().sample_iter(Alphanumeric))
+        {
+            *b = c;
+        }
+        Self::from_checked(&text)
+    }
+
+    /// A key from text known to be well formed (at most [`KEY_MAX_LEN`] bytes).
+    fn from_checked(raw: &[u8]) -> Self {
+        let mut text = [0u8; KEY_MAX_LEN];
+        text[..raw.len()].copy_from_slice(raw);
+        Self {
+            // At most 67: checked by the caller.
+            len: raw.len() as u8,
+            text,
+        }
     }
 
     /// The key as presented, prefix included.
     pub fn as_str(&self) -> &str {
-        &self.0
+        // ASCII, checked when parsed: the fallback is never taken.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.text[..usize::from(self.len)]
     }
 
     /// The key as an owned string.
     pub fn into_string(self) -> String {
-        self.0
+        self.as_str().to_owned()
+    }
+}
+
+// Compared, ordered and hashed by its text alone, like the string it stands for.
+impl PartialEq for ApiKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for ApiKey {}
+
+impl PartialOrd for ApiKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ApiKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_bytes().cmp(other.as_bytes())
+    }
+}
+
+impl std::hash::Hash for ApiKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_bytes().hash(state);
     }
 }
 
 impl fmt::Display for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ApiKey({})", self.0)
+        write!(f, "ApiKey({})", self.as_str())
     }
 }
 
@@ -116,13 +184,15 @@ impl fmt::Debug for ApiKey {
 pub struct ApiSecret([u8; 32]);
 
 impl ApiSecret {
-    /// Parses a presented api_secret, refusing any non-canonical encoding.
-    pub fn parse(raw: &str) -> Result<Self, FormatError> {
+    /// Parses a presented api_secret (text, or a header value's bytes as sent), refusing any
+    /// non-canonical encoding.
+    pub fn parse(raw: impl AsRef<[u8]>) -> Result<Self, FormatError> {
+        let raw = raw.as_ref();
         if raw.is_empty() {
             return Err(FormatError::Empty);
         }
         let body = raw
-            .strip_prefix(SECRET_PREFIX)
+            .strip_prefix(SECRET_PREFIX.as_bytes())
             .ok_or(FormatError::Prefix(SECRET_PREFIX))?;
         if body.len() != SECRET_CHARS {
             return Err(FormatError::Length("43"));
@@ -175,7 +245,7 @@ impl EncodedSecret {
     /// Whether `presented` (a header value as sent) is this secret, compared in constant
     /// time. Anything else — another secret, a malformed value — is `false`. (Its length
     /// is compared first: the length of a well-formed secret is public.)
-    pub fn is(&self, presented: &str) -> bool {
+    pub fn is(&self, presented: impl AsRef<[u8]>) -> bool {
         Self::as_sent(presented).is_some_and(|sent| sent.0.ct_eq(&self.0).into())
     }
 
@@ -183,13 +253,13 @@ impl EncodedSecret {
     /// characters. For a value [`ApiSecret::parse`] accepted, the same as
     /// [`ApiSecret::encoded`] without encoding again (the canonical text is the only one that
     /// parses).
-    pub fn as_sent(presented: &str) -> Option<Self> {
-        let text = presented.strip_prefix(SECRET_PREFIX)?;
+    pub fn as_sent(presented: impl AsRef<[u8]>) -> Option<Self> {
+        let text = presented.as_ref().strip_prefix(SECRET_PREFIX.as_bytes())?;
         if text.len() != SECRET_CHARS {
             return None;
         }
         let mut padded = [0u8; ENCODED_WORDS * 8];
-        padded[..SECRET_CHARS].copy_from_slice(text.as_bytes());
+        padded[..SECRET_CHARS].copy_from_slice(text);
         Some(Self(words::<{ ENCODED_WORDS * 8 }, ENCODED_WORDS>(&padded)))
     }
 }
@@ -463,19 +533,19 @@ mod tests {
 
     #[test]
     fn key_parsing() {
-        assert!(ApiKey::parse(&format!("ak_{}", "a".repeat(16))).is_ok());
-        assert!(ApiKey::parse(&format!("ak_{}", "Z9".repeat(32))).is_ok());
+        assert!(ApiKey::parse(format!("ak_{}", "a".repeat(16))).is_ok());
+        assert!(ApiKey::parse(format!("ak_{}", "Z9".repeat(32))).is_ok());
         assert_eq!(ApiKey::parse(""), Err(FormatError::Empty));
         assert_eq!(
             ApiKey::parse("sk_0123456789abcdefghij"),
             Err(FormatError::Prefix("ak_"))
         );
         assert!(matches!(
-            ApiKey::parse(&format!("ak_{}", "a".repeat(15))),
+            ApiKey::parse(format!("ak_{}", "a".repeat(15))),
             Err(FormatError::Length(_))
         ));
         assert!(matches!(
-            ApiKey::parse(&format!("ak_{}", "a".repeat(65))),
+            ApiKey::parse(format!("ak_{}", "a".repeat(65))),
             Err(FormatError::Length(_))
         ));
         assert!(matches!(
@@ -517,12 +587,12 @@ mod tests {
         }
         let key = ApiKey::generate();
         let derived = SecretDeriver::new(&MasterKey::from_bytes([3; 32])).secret_for(&key);
-        assert!(derived.encoded().is(&derived.expose()));
+        assert!(derived.encoded().is(derived.expose()));
         assert!(!derived.encoded().is(good));
         // Kept as sent, a parsed secret is the same as encoded again.
-        let sent = EncodedSecret::as_sent(&derived.expose()).unwrap();
+        let sent = EncodedSecret::as_sent(derived.expose()).unwrap();
         assert_eq!(sent.0, derived.encoded().0);
-        assert!(sent.is(&derived.expose()));
+        assert!(sent.is(derived.expose()));
         for malformed in [
             "",
             "sk_",
@@ -554,7 +624,7 @@ mod tests {
             Err(FormatError::Length(_))
         ));
         assert!(matches!(
-            ApiSecret::parse(&format!("{good}=")),
+            ApiSecret::parse(format!("{good}=")),
             Err(FormatError::Length(_))
         ));
         assert!(matches!(
@@ -706,7 +776,7 @@ mod tests {
         #[test]
         fn every_secret_round_trips(bytes in any::<[u8; 32]>()) {
             let secret = ApiSecret(bytes);
-            let parsed = ApiSecret::parse(&secret.expose());
+            let parsed = ApiSecret::parse(secret.expose());
             prop_assert_eq!(parsed.map(|s| s.0), Ok(bytes));
         }
 

@@ -16,7 +16,7 @@ pub const BENCH_EXPIRY: &str = "2099-01-01T00:00:00.000Z";
 
 /// The i-th benchmark key: `ak_bench` + 24 digits.
 pub fn bench_key(i: u64) -> ApiKey {
-    match ApiKey::parse(&format!("ak_bench{i:024}")) {
+    match ApiKey::parse(format!("ak_bench{i:024}")) {
         Ok(key) => key,
         Err(e) => unreachable!("bench keys are well formed: {e}"),
     }

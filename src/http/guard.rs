@@ -5,7 +5,7 @@
 //! run after routing, where the route is known.
 
 use axum::extract::{FromRequestParts, RawPathParams, Request, State};
-use axum::http::{HeaderMap, HeaderName};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -40,17 +40,15 @@ pub(crate) async fn require_credential(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let headers = req.headers();
-    match guard.access.of(req.method(), req.uri().path()) {
-        Open::Public => return next.run(req).await,
-        Open::WithoutCredential
-            if !headers.contains_key(&KEY_HEADER) && !headers.contains_key(&SECRET_HEADER) =>
-        {
-            return next.run(req).await;
-        }
-        Open::WithoutCredential | Open::No => {}
+    let open = guard.access.of(req.method(), req.uri().path());
+    if open == Open::Public {
+        return next.run(req).await;
     }
-    match authenticate(&guard.auth, headers).await {
+    let sent = Credential::sent(req.headers());
+    if open == Open::WithoutCredential && sent.is_none() {
+        return next.run(req).await;
+    }
+    match sent.authenticate(&guard.auth).await {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await
@@ -60,22 +58,91 @@ pub(crate) async fn require_credential(
 }
 
 /// Authenticates a request's credential headers: the caller, or the error to answer with.
-/// Every rejection is the same 401, so a caller learns nothing about which part failed; a
-/// database failure is a 500, never a 401.
 pub(crate) async fn authenticate(
     auth: &Authenticator,
     headers: &HeaderMap,
 ) -> Result<Caller, ApiError> {
-    let outcome = auth
-        .authenticate(
-            single_header(headers, &KEY_HEADER),
-            single_header(headers, &SECRET_HEADER),
-        )
-        .await;
-    match outcome {
-        AuthOutcome::Authenticated(caller) => Ok(caller),
-        AuthOutcome::Failed(e) => Err(ApiError::from(e)),
-        _ => Err(ApiError::Unauthorized),
+    Credential::sent(headers).authenticate(auth).await
+}
+
+/// The credential headers of a request, as sent.
+#[derive(Debug, Default, PartialEq)]
+struct Credential<'h> {
+    key: Sent<'h>,
+    secret: Sent<'h>,
+}
+
+/// How a header was sent.
+#[derive(Debug, Default, PartialEq)]
+enum Sent<'h> {
+    #[default]
+    Absent,
+    Once(&'h [u8]),
+    /// Repeated: refused even when the copies agree. Proxies differ on which copy they read,
+    /// and one that reads the last would act for another key than the one authenticated here.
+    Repeated,
+}
+
+impl<'h> Sent<'h> {
+    fn add(&mut self, value: &'h HeaderValue) {
+        *self = match self {
+            Self::Absent => Self::Once(value.as_bytes()),
+            Self::Once(_) | Self::Repeated => Self::Repeated,
+        };
+    }
+
+    /// The value of a header sent exactly once, as sent: the authenticator checks its form,
+    /// so it is not checked for text here first.
+    fn once(&self) -> Option<&'h [u8]> {
+        match self {
+            Self::Once(value) => Some(value),
+            Self::Absent | Self::Repeated => None,
+        }
+    }
+}
+
+impl<'h> Credential<'h> {
+    fn sent(headers: &'h HeaderMap) -> Self {
+        let mut sent = Self::default();
+        each_named(headers, [&KEY_HEADER, &SECRET_HEADER], |which, value| {
+            if which == 0 {
+                sent.key.add(value);
+            } else {
+                sent.secret.add(value);
+            }
+        });
+        sent
+    }
+
+    /// Whether neither header was sent.
+    fn is_none(&self) -> bool {
+        self.key == Sent::Absent && self.secret == Sent::Absent
+    }
+
+    /// Every rejection is the same 401, so a caller learns nothing about which part failed; a
+    /// database failure is a 500, never a 401.
+    async fn authenticate(&self, auth: &Authenticator) -> Result<Caller, ApiError> {
+        match auth.authenticate(self.key.once(), self.secret.once()).await {
+            AuthOutcome::Authenticated(caller) => Ok(caller),
+            AuthOutcome::Failed(e) => Err(ApiError::from(e)),
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+/// Calls `each` with every value of the headers named in `names` (and the name's index
+/// there), in the order sent, in one walk over the request's headers. Cheaper than a lookup
+/// per name: a lookup hashes the name byte by byte, where walking compares the few headers
+/// a request has (hyper accepts at most 100), most of them standard ones told apart at once.
+pub(crate) fn each_named<'h, const N: usize>(
+    headers: &'h HeaderMap,
+    names: [&HeaderName; N],
+    mut each: impl FnMut(usize, &'h HeaderValue),
+) {
+    for (name, value) in headers {
+        if let Some(which) = names.iter().position(|n| *n == name) {
+            each(which, value);
+        }
     }
 }
 
@@ -131,38 +198,34 @@ pub(crate) async fn require_scope(State(need): State<Need>, req: Request, next: 
     ApiError::scope(scope).into_response()
 }
 
-/// The value of a header sent exactly once. A repeated header is refused even when its copies
-/// agree: proxies differ on which copy they read, and one that reads the last would act for
-/// another key than the one authenticated here.
-fn single_header<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h str> {
-    let mut values = headers.get_all(name).iter();
-    let value = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    value.to_str().ok()
-}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     #[test]
     fn a_header_counts_only_when_sent_exactly_once() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
-        headers.append(&KEY_HEADER, HeaderValue::from_static("ak_a"));
-        assert_eq!(single_header(&headers, &KEY_HEADER), Some("ak_a"));
-        headers.append(&KEY_HEADER, HeaderValue::from_static("ak_a"));
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
-        let mut headers = HeaderMap::new();
-        headers.append(&SECRET_HEADER, HeaderValue::from_static("sk_a"));
-        headers.append(&SECRET_HEADER, HeaderValue::from_static(""));
-        assert_eq!(single_header(&headers, &SECRET_HEADER), None);
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
-        // Not visible ASCII: refused, never lossily converted.
-        let mut headers = HeaderMap::new();
-        headers.append(&KEY_HEADER, HeaderValue::from_bytes(b"ak_\xff").unwrap());
-        assert_eq!(single_header(&headers, &KEY_HEADER), None);
+        let sent = |pairs: &[(&HeaderName, &'static [u8])]| {
+            let mut headers = HeaderMap::new();
+            headers.append(axum::http::header::HOST, HeaderValue::from_static("x"));
+            for (name, value) in pairs {
+                headers.append(*name, HeaderValue::from_bytes(value).unwrap());
+            }
+            let sent = Credential::sent(&headers);
+            let once = |value: &Sent| value.once().map(<[u8]>::to_vec);
+            (once(&sent.key), once(&sent.secret), sent.is_none())
+        };
+        let value = |v: &[u8]| Some(v.to_vec());
+        assert_eq!(sent(&[]), (None, None, true));
+        let key = [(&KEY_HEADER, &b"ak_a"[..])];
+        assert_eq!(sent(&key), (value(b"ak_a"), None, false));
+        let repeated = [(&KEY_HEADER, &b"ak_a"[..]), (&KEY_HEADER, b"ak_a")];
+        assert_eq!(sent(&repeated), (None, None, false));
+        let both = [(&SECRET_HEADER, &b"sk_a"[..]), (&KEY_HEADER, b"ak_b")];
+        assert_eq!(sent(&both), (value(b"ak_b"), value(b"sk_a"), false));
+        let secret_twice = [(&SECRET_HEADER, &b"sk_a"[..]), (&SECRET_HEADER, b"")];
+        assert_eq!(sent(&secret_twice), (None, None, false));
+        // Not text: passed on as sent (and refused for its form), never lossily converted.
+        let not_text = [(&KEY_HEADER, &b"ak_\xff"[..])];
+        assert_eq!(sent(&not_text), (value(b"ak_\xff"), None, false));
     }
 }

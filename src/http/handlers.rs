@@ -681,6 +681,65 @@ static CREDENTIAL_KEY: HeaderName = HeaderName::from_static("x-credential-key");
 static CREDENTIAL_OWNER: HeaderName = HeaderName::from_static("x-credential-owner");
 static CREDENTIAL_SCOPES: HeaderName = HeaderName::from_static("x-credential-scopes");
 
+/// The headers of an `/auth/verify` answer, made by filling in a prebuilt map rather than by
+/// inserting: an insert hashes the header's name byte by byte (three custom names, 53 bytes),
+/// which cost more than the rest of the answer. A clone copies the names without hashing.
+struct IdentityHeaders {
+    /// One map for each combination of present identity headers (bit [`Self::OWNER`], bit
+    /// [`Self::SCOPES`]): their names with empty values, in the order key, owner, scopes,
+    /// then `Content-Length: 0` (the answer has no body). With it, the map is complete: a
+    /// clone has no room to spare, and the router would otherwise insert it and grow the map.
+    templates: [HeaderMap; 4],
+}
+
+static IDENTITY_HEADERS: std::sync::LazyLock<IdentityHeaders> =
+    std::sync::LazyLock::new(|| IdentityHeaders {
+        templates: std::array::from_fn(|index| {
+            let mut map = HeaderMap::with_capacity(3);
+            let empty = HeaderValue::from_static("");
+            map.insert(&CREDENTIAL_KEY, empty.clone());
+            if index & IdentityHeaders::OWNER != 0 {
+                map.insert(&CREDENTIAL_OWNER, empty.clone());
+            }
+            if index & IdentityHeaders::SCOPES != 0 {
+                map.insert(&CREDENTIAL_SCOPES, empty);
+            }
+            map.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            map
+        }),
+    });
+
+impl IdentityHeaders {
+    const OWNER: usize = 1;
+    const SCOPES: usize = 2;
+
+    /// The headers for a caller: its key, and its owner and scopes when it has them.
+    fn fill(
+        key: HeaderValue,
+        owner: Option<HeaderValue>,
+        scopes: Option<HeaderValue>,
+    ) -> HeaderMap {
+        let index = if owner.is_some() { Self::OWNER } else { 0 }
+            | if scopes.is_some() { Self::SCOPES } else { 0 };
+        let mut headers = IDENTITY_HEADERS.templates[index].clone();
+        // The template's first values are for exactly the headers present, in this order.
+        let mut slots = headers.values_mut();
+        let mut put = |value| {
+            if let Some(slot) = slots.next() {
+                *slot = value;
+            }
+        };
+        put(key);
+        if let Some(owner) = owner {
+            put(owner);
+        }
+        if let Some(scopes) = scopes {
+            put(scopes);
+        }
+        headers
+    }
+}
+
 /// `/auth/verify` and everything under it, any method: a forward-auth target. The guard
 /// authenticated the caller; this checks the scopes the request asks for (`?scope=` and
 /// `X-Required-Scopes`; every other query parameter and the body are ignored) and answers
@@ -721,31 +780,48 @@ fn identity(req: &axum::extract::Request, ok: VerifyStatus) -> Result<Response, 
         // The route is declared for credentials only: the guard admitted it with one.
         return Err(ApiError::Unauthorized);
     };
-    check_required_scopes(caller, req.uri().query(), req.headers())?;
-    let mut identity = HeaderMap::with_capacity(4);
+    check_required_scopes(caller, req.uri().query())?;
+    // One walk over the headers finds the key and the required scopes (see `each_named`).
+    let (mut key, mut required) = (None, Ok(()));
+    super::guard::each_named(
+        req.headers(),
+        [&super::KEY_HEADER, &REQUIRED_SCOPES],
+        |which, value| {
+            if which == 0 {
+                key.get_or_insert(value);
+            } else if required.is_ok() {
+                required = value
+                    .to_str()
+                    .map_err(|_| ApiError::field("X-Required-Scopes", "must be visible ASCII"))
+                    .and_then(|list| check_scope_list(caller, list));
+            }
+        },
+    );
+    required?;
     // The key header as it arrived (the guard read exactly this value): sharing its bytes
     // costs no copy. A parsed key is ASCII alphanumerics and '_', always a valid header value.
-    let key = match req.headers().get(&super::KEY_HEADER) {
+    let key = match key {
         Some(sent) => sent.clone(),
         None => HeaderValue::from_str(caller.key.as_str()).map_err(|_| ApiError::Internal)?,
     };
-    identity.insert(&CREDENTIAL_KEY, key);
-    if let Some(owner) = caller.profile.owner() {
-        let owner = HeaderValue::from_str(owner).map_err(|_| {
+    let owner = match caller.profile.owner_bytes() {
+        Some(owner) => Some(HeaderValue::from_bytes(owner).map_err(|_| {
             // Only an owner written by hand in the database can be no header value.
             tracing::error!(api_key = %caller.key, "the credential's owner cannot be sent as a header");
             ApiError::Internal
-        })?;
-        identity.insert(&CREDENTIAL_OWNER, owner);
-    }
-    let scopes = caller.profile.scopes().joined();
-    if !scopes.is_empty() {
-        let scopes = HeaderValue::from_maybe_shared(scopes.clone()).map_err(|_| {
+        })?),
+        None => None,
+    };
+    let scopes = caller.profile.scopes();
+    let scopes = match scopes.header() {
+        Some(joined) => Some(joined.clone()),
+        None if scopes.is_empty() => None,
+        None => {
             tracing::error!(api_key = %caller.key, "the credential's scopes cannot be sent as a header");
-            ApiError::Internal
-        })?;
-        identity.insert(&CREDENTIAL_SCOPES, scopes);
-    }
+            return Err(ApiError::Internal);
+        }
+    };
+    let identity = IdentityHeaders::fill(key, owner, scopes);
     let status = match ok {
         VerifyStatus::Ok => StatusCode::OK,
         VerifyStatus::NoContent => StatusCode::NO_CONTENT,
@@ -755,52 +831,38 @@ fn identity(req: &axum::extract::Request, ok: VerifyStatus) -> Result<Response, 
     Ok(response)
 }
 
-/// Checks every scope a forward-auth request requires: each `scope` query parameter and each
-/// `X-Required-Scopes` header, space-separated lists both. A malformed one is a 400, a missing
-/// one a 403. Allocates nothing unless a value is percent-encoded.
-fn check_required_scopes(
-    caller: &Caller,
-    query: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<(), ApiError> {
-    let check = |list: &str| {
-        for scope in list.split_ascii_whitespace() {
-            if !attributes::is_scope(scope) {
-                return Err(ApiError::field(
-                    "scope",
-                    format_args!("{scope:?} is not a scope"),
-                ));
-            }
-            if !caller.holds(scope) {
-                return Err(ApiError::scope(scope));
-            }
-        }
-        Ok(())
-    };
-    match query {
-        // Nothing to decode: the pairs are read in place (the common `?scope=a:b`), without
-        // the decoder's copies and UTF-8 repair.
-        Some(query) if !query.bytes().any(|b| b == b'%' || b == b'+') => {
-            for pair in query.split('&') {
-                if let Some(("scope", value)) = pair.split_once('=') {
-                    check(value)?;
-                }
-            }
-        }
-        Some(query) => {
-            for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+/// Checks the scopes a forward-auth request requires in its query: each `scope` parameter, a
+/// space-separated list (the `X-Required-Scopes` headers are checked after these). A malformed
+/// one is a 400, a missing one a 403. Allocates nothing unless a value is percent-encoded.
+fn check_required_scopes(caller: &Caller, query: Option<&str>) -> Result<(), ApiError> {
+    for pair in query.into_iter().flat_map(|query| query.split('&')) {
+        if pair.bytes().any(|b| b == b'%' || b == b'+') {
+            for (name, value) in form_urlencoded::parse(pair.as_bytes()) {
                 if name == "scope" {
-                    check(&value)?;
+                    check_scope_list(caller, &value)?;
                 }
             }
+        } else if let Some(value) = pair.strip_prefix("scope=") {
+            // Nothing to decode: read in place (the common `?scope=a:b`), without the
+            // decoder's copies and UTF-8 repair.
+            check_scope_list(caller, value)?;
         }
-        None => {}
     }
-    for value in headers.get_all(&REQUIRED_SCOPES) {
-        let list = value
-            .to_str()
-            .map_err(|_| ApiError::field("X-Required-Scopes", "must be visible ASCII"))?;
-        check(list)?;
+    Ok(())
+}
+
+/// Checks a space-separated list of scopes a request requires of `caller`.
+fn check_scope_list(caller: &Caller, list: &str) -> Result<(), ApiError> {
+    for scope in list.split_ascii_whitespace() {
+        if !attributes::is_scope(scope) {
+            return Err(ApiError::field(
+                "scope",
+                format_args!("{scope:?} is not a scope"),
+            ));
+        }
+        if !caller.holds(scope) {
+            return Err(ApiError::scope(scope));
+        }
     }
     Ok(())
 }
@@ -1016,6 +1078,22 @@ mod tests {
 
     const KEY: &str = "ak_0123456789abcdefghijklmnopqrstuv";
     const SECRET: &str = "sk_x3WIncH4WcxsOvcOMY66Fjay8bqDTjErBwSru6iHvOo";
+
+    #[test]
+    fn identity_headers_name_each_value_given() {
+        let value = HeaderValue::from_static;
+        for owner in [None, Some(value("alice"))] {
+            for scopes in [None, Some(value("a:b c"))] {
+                let headers = IdentityHeaders::fill(value(KEY), owner.clone(), scopes.clone());
+                assert_eq!(headers.get(&CREDENTIAL_KEY), Some(&value(KEY)));
+                assert_eq!(headers.get(&CREDENTIAL_OWNER), owner.as_ref());
+                assert_eq!(headers.get(&CREDENTIAL_SCOPES), scopes.as_ref());
+                assert_eq!(headers.get(header::CONTENT_LENGTH), Some(&value("0")));
+                let present = 2 + usize::from(owner.is_some()) + usize::from(scopes.is_some());
+                assert_eq!(headers.len(), present);
+            }
+        }
+    }
 
     fn pair_of(body: &[u8]) -> Result<(ApiKey, ApiSecret), ApiError> {
         parse_object(body).and_then(|fields| parse_pair(&fields))
