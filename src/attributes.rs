@@ -39,9 +39,22 @@ pub fn is_scope(s: &str) -> bool {
     !b.is_empty()
         && b.len() <= 64
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b":._-".contains(c))
+        && b.iter().all(|&c| SCOPE_CHARS[usize::from(c)])
 }
+
+/// The bytes a scope may hold, as a table: checked for every scope a forward-auth request
+/// requires, where a lookup per byte beats the five comparisons.
+static SCOPE_CHARS: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        table[c] =
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b':' | b'.' | b'_' | b'-');
+        c += 1;
+    }
+    table
+};
 
 /// A credential's scopes: valid, distinct, sorted, at most [`MAX_SCOPES`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]

@@ -567,12 +567,11 @@ impl Authenticator {
         key: Option<&[u8]>,
         secret: Option<&[u8]>,
     ) -> Result<Caller, AuthOutcome> {
-        let key = key
-            .and_then(|v| ApiKey::parse(v).ok())
-            .ok_or(AuthOutcome::RejectedForm)?;
-        let presented = secret.ok_or(AuthOutcome::RejectedForm)?;
+        let (sent, presented) = key.zip(secret).ok_or(AuthOutcome::RejectedForm)?;
+        let parse_key = || ApiKey::parse(sent).map_err(|_| AuthOutcome::RejectedForm);
         let parse = || ApiSecret::parse(presented).map_err(|_| AuthOutcome::RejectedForm);
         let Some(cache) = &self.inner.cache else {
+            let key = parse_key()?;
             let secret = parse()?;
             self.verify_derivation(&key, &secret)?;
             self.inner.metrics.cache_miss();
@@ -587,18 +586,25 @@ impl Authenticator {
         // only well-formed one, so an equal value needs no decoding), by HMAC otherwise. A
         // forged secret costs the HMAC whether or not its key is cached, and never reaches
         // the database.
+        // The key is looked up as sent: only well-formed keys are cached, so one found there
+        // needs no parsing (the form is checked first, as SPEC §2 orders, on every other path).
         let now = self.inner.clock_ms();
-        let entry = match cache.get(&key) {
-            Some(entry) if entry.stale_ms > now => {
+        let hit = cache
+            .get(sent)
+            .filter(|entry| entry.stale_ms > now)
+            .and_then(|entry| Some((ApiKey::known(sent)?, entry)));
+        let (key, entry) = match hit {
+            Some((key, entry)) => {
                 // A different secret may still be derived by another configured master key.
                 if !entry.secret.is(presented) {
                     self.verify_derivation(&key, &parse()?)?;
                 }
                 self.inner.metrics.cache_hit();
-                entry
+                (key, entry)
             }
             // Missing, or past the TTL: read again.
-            _ => {
+            None => {
+                let key = parse_key()?;
                 // Read before the derivation is checked: a change of master keys after it
                 // makes the answer's cached derivation suspect, and the entry is dropped.
                 let epoch = self.inner.epoch.load(Ordering::Acquire);
@@ -607,7 +613,7 @@ impl Authenticator {
                 self.inner.metrics.cache_miss();
                 // Concurrent misses on one key share this one lookup: the others wait on
                 // the guard. Errors are not cached (dropping the guard lets one retry).
-                match cache.get_value_or_guard_async(&key).await {
+                let entry = match cache.get_value_or_guard_async(&key).await {
                     Ok(entry) if entry.stale_ms > self.inner.clock_ms() => entry,
                     found => {
                         let entry = self.load(&key, &secret, presented).await?;
@@ -624,7 +630,8 @@ impl Authenticator {
                         }
                         entry
                     }
-                }
+                };
+                (key, entry)
             }
         };
         // No cache trusts an entry past its credential's expiry (SPEC §7.5).

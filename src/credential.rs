@@ -110,6 +110,13 @@ impl ApiKey {
         Self::from_checked(&text)
     }
 
+    /// The key whose text `raw` is, when it is equal to a key parsed before (one found in a
+    /// cache by its text, say): its form needs no second check. `None` only when it cannot
+    /// be a key's text at all.
+    pub(crate) fn known(raw: &[u8]) -> Option<Self> {
+        (raw.len() <= KEY_MAX_LEN).then(|| Self::from_checked(raw))
+    }
+
     /// A key from text known to be well formed (at most [`KEY_MAX_LEN`] bytes).
     fn from_checked(raw: &[u8]) -> Self {
         let mut text = [0u8; KEY_MAX_LEN];
@@ -161,6 +168,13 @@ impl Ord for ApiKey {
 impl std::hash::Hash for ApiKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.as_bytes().hash(state);
+    }
+}
+
+/// A key can be looked up by its text as sent (equal, ordered and hashed alike).
+impl std::borrow::Borrow<[u8]> for ApiKey {
+    fn borrow(&self) -> &[u8] {
+        self.as_bytes()
     }
 }
 
@@ -563,7 +577,21 @@ mod tests {
         let b = ApiKey::generate();
         assert_ne!(a, b);
         assert_eq!(a.as_str().len(), 3 + 32);
-        assert_eq!(ApiKey::parse(a.as_str()), Ok(a));
+        assert_eq!(ApiKey::parse(a.as_str()), Ok(a.clone()));
+        // Kept in place, yet equal, ordered and hashed like its text.
+        let hash = |v: &dyn Fn(&mut std::hash::DefaultHasher)| {
+            let mut h = std::hash::DefaultHasher::new();
+            v(&mut h);
+            std::hash::Hasher::finish(&h)
+        };
+        use std::hash::Hash as _;
+        let text = a.as_str().as_bytes();
+        assert_eq!(hash(&|h| a.hash(h)), hash(&|h| text.hash(h)));
+        assert_eq!(a.cmp(&b), a.as_str().cmp(b.as_str()));
+        assert_eq!(ApiKey::known(text), Some(a.clone()));
+        let longest = ApiKey::parse(format!("ak_{}", "z".repeat(64))).unwrap();
+        assert_eq!(ApiKey::known(longest.as_str().as_bytes()), Some(longest));
+        assert_eq!(ApiKey::known(&[b'z'; 68]), None);
     }
 
     #[test]

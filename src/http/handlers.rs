@@ -765,9 +765,12 @@ impl IdentityHeaders {
         (status = 400, description = "`INVALID_FIELD`: a required scope is malformed", body = ErrorBody),
         (status = 403, description = "`INSUFFICIENT_SCOPE`: the credential lacks a required scope", body = ErrorBody),
     ))]
-pub(super) async fn verify(State(state): State<AppState>, req: axum::extract::Request) -> Response {
+pub(super) async fn verify(
+    State(ok): State<VerifyStatus>,
+    req: axum::extract::Request,
+) -> Response {
     // The request is read in place: its headers, URI and caller are borrowed, never cloned.
-    match identity(&req, state.policy.verify_ok_status) {
+    match identity(&req, ok) {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }

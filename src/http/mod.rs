@@ -56,6 +56,14 @@ pub struct AppState {
     pub policy: Arc<Policy>,
 }
 
+/// What `/auth/verify` answers on success: taken from the state on its own, so that serving
+/// it copies one value rather than cloning every shared part of the state.
+impl axum::extract::FromRef<AppState> for crate::config::VerifyStatus {
+    fn from_ref(state: &AppState) -> Self {
+        state.policy.verify_ok_status
+    }
+}
+
 /// Every route, declared once, with who may call it and the scope it needs (SPEC §7.2). The
 /// OpenAPI document is built from the same declarations ([`openapi`]).
 fn table() -> Routes {
