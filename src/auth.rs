@@ -104,7 +104,7 @@ struct Entry {
     /// `expires_at` in milliseconds since the epoch; `i64::MAX` when it never expires.
     expires_ms: i64,
     /// When the entry stops being trusted (the cache's TTL), in milliseconds of the
-    /// authenticator's monotonic clock ([`Inner::clock_ms`]).
+    /// authenticator's monotonic clock ([`monotonic_ms`]).
     stale_ms: u64,
     /// The derivation of the key checked when the entry was made, under the master keys in
     /// use then (the cache is emptied when they change): a hit compares the presented secret
@@ -132,7 +132,7 @@ fn now_ms() -> i64 {
 }
 
 /// Milliseconds on a clock that never goes back (from an arbitrary origin, such as the boot),
-/// for the cache's TTL. Read on every authentication, so coarsely where Linux can: its time
+/// for the cache's TTL: one that a wall-clock step cannot stretch. Read on every authentication, so coarsely where Linux can: its time
 /// at the last tick, read without the hardware counter (7 ns against 23 ns here). It lags by
 /// a tick at most (4 ms here), nothing next to a TTL.
 fn monotonic_ms() -> u64 {
@@ -593,7 +593,7 @@ impl Authenticator {
         // the database.
         // The key is looked up as sent: only well-formed keys are cached, so one found there
         // needs no parsing (the form is checked first, as SPEC §2 orders, on every other path).
-        let now = self.inner.clock_ms();
+        let now = monotonic_ms();
         let hit = cache
             .get(sent)
             .filter(|entry| entry.stale_ms > now)
@@ -619,7 +619,7 @@ impl Authenticator {
                 // Concurrent misses on one key share this one lookup: the others wait on
                 // the guard. Errors are not cached (dropping the guard lets one retry).
                 let entry = match cache.get_value_or_guard_async(&key).await {
-                    Ok(entry) if entry.stale_ms > self.inner.clock_ms() => entry,
+                    Ok(entry) if entry.stale_ms > monotonic_ms() => entry,
                     found => {
                         let entry = self.load(&key, &secret, presented).await?;
                         match found {
@@ -757,11 +757,6 @@ impl Authenticator {
 }
 
 impl Inner {
-    /// Milliseconds on a monotonic clock: a TTL that a wall-clock step cannot stretch.
-    fn clock_ms(&self) -> u64 {
-        monotonic_ms()
-    }
-
     /// What is queued for writing: the store, the keys used (starting a new interval when
     /// `next_interval`) and the learnt master key ids.
     fn learnt(&self, next_interval: bool) -> Learnt {
@@ -826,7 +821,7 @@ impl Inner {
                 owner: record.owner.as_deref().map(Owner::new),
             },
             expires_ms,
-            stale_ms: self.clock_ms().saturating_add(self.ttl_ms),
+            stale_ms: monotonic_ms().saturating_add(self.ttl_ms),
             secret,
         })
     }

@@ -681,63 +681,55 @@ static CREDENTIAL_KEY: HeaderName = HeaderName::from_static("x-credential-key");
 static CREDENTIAL_OWNER: HeaderName = HeaderName::from_static("x-credential-owner");
 static CREDENTIAL_SCOPES: HeaderName = HeaderName::from_static("x-credential-scopes");
 
-/// The headers of an `/auth/verify` answer, made by filling in a prebuilt map rather than by
-/// inserting: an insert hashes the header's name byte by byte (three custom names, 53 bytes),
-/// which cost more than the rest of the answer. A clone copies the names without hashing.
-struct IdentityHeaders {
-    /// One map for each combination of present identity headers (bit [`Self::OWNER`], bit
-    /// [`Self::SCOPES`]): their names with empty values, in the order key, owner, scopes,
-    /// then `Content-Length: 0` (the answer has no body). With it, the map is complete: a
-    /// clone has no room to spare, and the router would otherwise insert it and grow the map.
-    templates: [HeaderMap; 4],
-}
-
-static IDENTITY_HEADERS: std::sync::LazyLock<IdentityHeaders> =
-    std::sync::LazyLock::new(|| IdentityHeaders {
-        templates: std::array::from_fn(|index| {
-            let mut map = HeaderMap::with_capacity(3);
-            let empty = HeaderValue::from_static("");
-            map.insert(&CREDENTIAL_KEY, empty.clone());
-            if index & IdentityHeaders::OWNER != 0 {
-                map.insert(&CREDENTIAL_OWNER, empty.clone());
-            }
-            if index & IdentityHeaders::SCOPES != 0 {
-                map.insert(&CREDENTIAL_SCOPES, empty);
-            }
-            map.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-            map
-        }),
-    });
-
-impl IdentityHeaders {
-    const OWNER: usize = 1;
-    const SCOPES: usize = 2;
-
-    /// The headers for a caller: its key, and its owner and scopes when it has them.
-    fn fill(
-        key: HeaderValue,
-        owner: Option<HeaderValue>,
-        scopes: Option<HeaderValue>,
-    ) -> HeaderMap {
-        let index = if owner.is_some() { Self::OWNER } else { 0 }
-            | if scopes.is_some() { Self::SCOPES } else { 0 };
-        let mut headers = IDENTITY_HEADERS.templates[index].clone();
-        // The template's first values are for exactly the headers present, in this order.
-        let mut slots = headers.values_mut();
-        let mut put = |value| {
-            if let Some(slot) = slots.next() {
-                *slot = value;
-            }
-        };
-        put(key);
-        if let Some(owner) = owner {
-            put(owner);
+/// The headers of `/auth/verify` answers, prebuilt: one map for each combination of present
+/// identity headers (bit [`OWNER`], bit [`SCOPES`]), their names with empty values, in the
+/// order key, owner, scopes, then `Content-Length: 0` (the answer has no body). An answer
+/// clones one and fills in its values ([`identity_headers`]) rather than inserting: an insert
+/// hashes the header's name byte by byte (three custom names, 53 bytes), which cost more than
+/// the rest of the answer, where a clone copies the names. With `Content-Length` the map is
+/// complete: a clone has no room to spare, and the router would otherwise insert it and grow
+/// the map.
+static IDENTITY_TEMPLATES: std::sync::LazyLock<[HeaderMap; 4]> = std::sync::LazyLock::new(|| {
+    std::array::from_fn(|index| {
+        let mut map = HeaderMap::with_capacity(4);
+        let empty = HeaderValue::from_static("");
+        map.insert(&CREDENTIAL_KEY, empty.clone());
+        if index & OWNER != 0 {
+            map.insert(&CREDENTIAL_OWNER, empty.clone());
         }
-        if let Some(scopes) = scopes {
-            put(scopes);
+        if index & SCOPES != 0 {
+            map.insert(&CREDENTIAL_SCOPES, empty);
         }
-        headers
+        map.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        map
+    })
+});
+const OWNER: usize = 1;
+const SCOPES: usize = 2;
+
+/// The headers for a caller: its key, and its owner and scopes when it has them.
+fn identity_headers(
+    key: HeaderValue,
+    owner: Option<HeaderValue>,
+    scopes: Option<HeaderValue>,
+) -> HeaderMap {
+    let index = if owner.is_some() { OWNER } else { 0 } | if scopes.is_some() { SCOPES } else { 0 };
+    let mut headers = IDENTITY_TEMPLATES[index].clone();
+    // The template's first values are for exactly the headers present, in this order.
+    let mut slots = headers.values_mut();
+    let mut put = |value| {
+        if let Some(slot) = slots.next() {
+            *slot = value;
+        }
+    };
+    put(key);
+    if let Some(owner) = owner {
+        put(owner);
     }
+    if let Some(scopes) = scopes {
+        put(scopes);
+    }
+    headers
 }
 
 /// `/auth/verify` and everything under it, any method: a forward-auth target. The guard
@@ -824,7 +816,7 @@ fn identity(req: &axum::extract::Request, ok: VerifyStatus) -> Result<Response, 
             return Err(ApiError::Internal);
         }
     };
-    let identity = IdentityHeaders::fill(key, owner, scopes);
+    let identity = identity_headers(key, owner, scopes);
     let status = match ok {
         VerifyStatus::Ok => StatusCode::OK,
         VerifyStatus::NoContent => StatusCode::NO_CONTENT,
@@ -1095,7 +1087,7 @@ mod tests {
         let value = HeaderValue::from_static;
         for owner in [None, Some(value("alice"))] {
             for scopes in [None, Some(value("a:b c"))] {
-                let headers = IdentityHeaders::fill(value(KEY), owner.clone(), scopes.clone());
+                let headers = identity_headers(value(KEY), owner.clone(), scopes.clone());
                 assert_eq!(headers.get(&CREDENTIAL_KEY), Some(&value(KEY)));
                 assert_eq!(headers.get(&CREDENTIAL_OWNER), owner.as_ref());
                 assert_eq!(headers.get(&CREDENTIAL_SCOPES), scopes.as_ref());
