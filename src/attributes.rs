@@ -138,6 +138,18 @@ impl ScopeSet {
         }
     }
 
+    /// A copy that shares no memory with `self`, its header value included.
+    pub(crate) fn unshared(&self) -> Self {
+        Self {
+            items: self.items.clone(),
+            all: self.all,
+            header: self
+                .header
+                .as_ref()
+                .and_then(|h| HeaderValue::from_bytes(h.as_bytes()).ok()),
+        }
+    }
+
     /// Whether a holder of these may act with `scope` (it holds it, or `*`).
     pub fn holds(&self, scope: &str) -> bool {
         self.all || self.items.binary_search_by(|s| (**s).cmp(scope)).is_ok()

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus::IntCounter;
 use tokio::sync::broadcast;
 
 use crate::attributes::{Interner, ScopeSet};
@@ -64,6 +63,15 @@ impl Owner {
 }
 
 impl Profile {
+    /// A copy that shares nothing with `self`: no reference count that another thread's
+    /// copy also writes (see [`local`]).
+    fn unshared(&self) -> Self {
+        Self {
+            scopes: Arc::new(self.scopes.unshared()),
+            owner: self.owner.as_ref().map(|owner| Owner::new(owner.as_str())),
+        }
+    }
+
     /// The credential's scopes.
     pub fn scopes(&self) -> &ScopeSet {
         &self.scopes
@@ -116,6 +124,89 @@ impl Entry {
     fn is_expired(&self) -> bool {
         // The clock is read only for credentials that expire.
         self.expires_ms != i64::MAX && now_ms() >= self.expires_ms
+    }
+}
+
+/// A few recent cache hits per thread, in front of the shared cache. A hit in the shared
+/// cache takes its shard's read lock and counts a reference on the credential's scope set:
+/// four atomic writes to memory that every core writes on every request, so the cache lines
+/// move between cores each time. A hit here touches only this thread's copy.
+///
+/// A copy is trusted only while nothing was invalidated since it was made: it carries the
+/// authenticator's invalidation epoch read before the shared lookup it copies, and every
+/// invalidation moves the epoch after it has emptied the shared cache (see
+/// [`Inner::apply`]). Its TTL and expiry are the shared entry's.
+mod local {
+    use std::cell::RefCell;
+
+    use super::{ApiKey, Entry};
+
+    /// Slots per thread, direct-mapped by the key's hash.
+    const SLOTS: usize = 64;
+
+    /// One slot: a key seen once (`entry` is `None`), or a key and its private copy.
+    struct Slot {
+        /// Which authenticator filled it ([`super::Inner::id`]).
+        owner: u64,
+        epoch: u64,
+        key: ApiKey,
+        entry: Option<Entry>,
+    }
+
+    thread_local! {
+        static SLOTS_OF_THREAD: RefCell<Vec<Option<Slot>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn slot_of(sent: &[u8]) -> usize {
+        use std::hash::BuildHasher as _;
+        // Fixed seed: the index only spreads keys over a few slots.
+        (foldhash::fast::FixedState::with_seed(0).hash_one(sent) as usize) % SLOTS
+    }
+
+    /// This thread's copy of `sent`'s entry, if it was made by `owner` at `epoch` and is
+    /// still within its TTL at `now`.
+    pub(super) fn get(owner: u64, epoch: u64, sent: &[u8], now: u64) -> Option<(ApiKey, Entry)> {
+        SLOTS_OF_THREAD
+            .try_with(|slots| {
+                let slots = slots.try_borrow().ok()?;
+                let slot = slots.get(slot_of(sent))?.as_ref()?;
+                let entry = slot.entry.as_ref()?;
+                (slot.owner == owner
+                    && slot.epoch == epoch
+                    && entry.stale_ms > now
+                    && slot.key.as_str().as_bytes() == sent)
+                    .then(|| (slot.key.clone(), entry.clone()))
+            })
+            .ok()
+            .flatten()
+    }
+
+    /// Offers a hit of the shared cache, found at `epoch`. The second hit in a row of one
+    /// key in its slot makes a private copy: keys used once cost no copy.
+    pub(super) fn offer(owner: u64, epoch: u64, key: &ApiKey, entry: &Entry) {
+        let _ = SLOTS_OF_THREAD.try_with(|slots| {
+            let Ok(mut slots) = slots.try_borrow_mut() else {
+                return;
+            };
+            if slots.is_empty() {
+                slots.resize_with(SLOTS, || None);
+            }
+            let Some(slot) = slots.get_mut(slot_of(key.as_str().as_bytes())) else {
+                return;
+            };
+            let seen = slot
+                .as_ref()
+                .is_some_and(|slot| slot.owner == owner && slot.key == *key);
+            *slot = Some(Slot {
+                owner,
+                epoch,
+                key: key.clone(),
+                entry: seen.then(|| Entry {
+                    profile: entry.profile.unshared(),
+                    ..entry.clone()
+                }),
+            });
+        });
     }
 }
 
@@ -195,7 +286,7 @@ impl AuthOutcome {
         "error",
     ];
 
-    fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> usize {
         match self {
             Self::Authenticated(_) => 0,
             Self::RejectedForm => 1,
@@ -455,6 +546,8 @@ pub struct Authenticator {
 }
 
 struct Inner {
+    /// Tells this authenticator's per-thread copies ([`local`]) from another's.
+    id: u64,
     /// The master keys; replaced whole when the key file is reloaded. Read on every request
     /// without a lock.
     keys: arc_swap::ArcSwap<KeyRing>,
@@ -473,8 +566,6 @@ struct Inner {
     /// what it read before the revocation committed.
     epoch: AtomicU64,
     metrics: Metrics,
-    /// One counter per outcome, resolved once: the auth path does no label lookup.
-    outcomes: [IntCounter; 7],
     /// Keys this instance revoked and already dropped, whose echo from the change feed is
     /// still to come: the echo is skipped rather than invalidating twice (see
     /// [`Authenticator::forget_revoked`] for why that is safe).
@@ -519,8 +610,9 @@ impl Authenticator {
         });
         let changes = store.subscribe();
         let wake = Arc::new(tokio::sync::Notify::new());
-        let outcomes = AuthOutcome::LABELS.map(|label| metrics.auth_counter(label));
+        static IDS: AtomicU64 = AtomicU64::new(0);
         let inner = Arc::new_cyclic(|me: &Weak<Inner>| Inner {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             keys: arc_swap::ArcSwap::from_pointee(keys.into()),
             store,
             cache,
@@ -528,7 +620,6 @@ impl Authenticator {
             scope_sets: Interner::default(),
             epoch: AtomicU64::new(0),
             metrics,
-            outcomes,
             forgotten: std::sync::Mutex::default(),
             // Outside a runtime (a synchronous benchmark, say) there is no feed to follow.
             _follower: tokio::runtime::Handle::try_current()
@@ -563,7 +654,7 @@ impl Authenticator {
             }
             Err(outcome) => outcome,
         };
-        self.inner.outcomes[outcome.index()].inc();
+        self.inner.metrics.auth_result(&outcome);
         outcome
     }
 
@@ -594,10 +685,17 @@ impl Authenticator {
         // The key is looked up as sent: only well-formed keys are cached, so one found there
         // needs no parsing (the form is checked first, as SPEC §2 orders, on every other path).
         let now = monotonic_ms();
-        let hit = cache
-            .get(sent)
-            .filter(|entry| entry.stale_ms > now)
-            .and_then(|entry| Some((ApiKey::known(sent)?, entry)));
+        // Read before either lookup: a copy made from what this finds must not outlive an
+        // invalidation that lands after this read (see [`local`]).
+        let epoch = self.inner.epoch.load(Ordering::Acquire);
+        let hit = local::get(self.inner.id, epoch, sent, now).or_else(|| {
+            let found = cache
+                .get(sent)
+                .filter(|entry| entry.stale_ms > now)
+                .and_then(|entry| Some((ApiKey::known(sent)?, entry)))?;
+            local::offer(self.inner.id, epoch, &found.0, &found.1);
+            Some(found)
+        });
         let (key, entry) = match hit {
             Some((key, entry)) => {
                 // A different secret may still be derived by another configured master key.
@@ -610,9 +708,9 @@ impl Authenticator {
             // Missing, or past the TTL: read again.
             None => {
                 let key = parse_key()?;
-                // Read before the derivation is checked: a change of master keys after it
-                // makes the answer's cached derivation suspect, and the entry is dropped.
-                let epoch = self.inner.epoch.load(Ordering::Acquire);
+                // (The epoch was read before the derivation is checked: a change of master
+                // keys after it makes the answer's cached derivation suspect, and the entry
+                // is dropped.)
                 let secret = parse()?;
                 self.verify_derivation(&key, &secret)?;
                 self.inner.metrics.cache_miss();
@@ -753,6 +851,9 @@ impl Authenticator {
         if let Some(cache) = &self.inner.cache {
             cache.clear();
         }
+        // Again once the cache is empty: per-thread copies made from what a lookup found
+        // in between are no longer trusted (see [`local`]).
+        self.inner.epoch.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -859,6 +960,9 @@ impl Inner {
             }
             Change::All => cache.clear(),
         }
+        // Again once the entry is gone: a per-thread copy made from a lookup that found it
+        // in between is no longer trusted (see [`local`]).
+        self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -1267,6 +1371,66 @@ mod tests {
         );
     }
 
+    /// A hit served from this thread's copy is dropped with the shared entry: after a
+    /// revocation here or one from the change feed, the next request is looked up again.
+    #[tokio::test]
+    async fn a_thread_copy_is_not_trusted_after_an_invalidation() {
+        let (store, auth) = held(1);
+        let key = ApiKey::generate();
+        let secret = deriver().secret_for(&key).expose();
+        let lookups = || store.lookups.load(Ordering::SeqCst);
+        let outcome = || auth.authenticate(Some(key.as_str().as_bytes()), Some(secret.as_bytes()));
+        let copied = || {
+            let epoch = auth.inner.epoch.load(Ordering::Acquire);
+            local::get(
+                auth.inner.id,
+                epoch,
+                key.as_str().as_bytes(),
+                monotonic_ms(),
+            )
+            .is_some()
+        };
+        // A miss, then two hits of the shared cache: the second makes this thread's copy.
+        for _ in 0..3 {
+            assert!(matches!(outcome().await, AuthOutcome::Authenticated(_)));
+        }
+        assert!(copied(), "the second hit makes a copy");
+        let cached = lookups();
+        assert!(matches!(outcome().await, AuthOutcome::Authenticated(_)));
+        assert_eq!(lookups(), cached, "served from the copy");
+
+        // Revoked by this instance.
+        *store.state.lock().expect("state") = false;
+        auth.forget(&key).await;
+        assert!(!copied());
+        assert!(matches!(outcome().await, AuthOutcome::RejectedRevoked));
+        assert_eq!(lookups(), cached + 1, "looked up again");
+
+        // Active again (a store double can do that), copied again, then changed elsewhere:
+        // the change feed drops the copy too.
+        *store.state.lock().expect("state") = true;
+        auth.forget(&key).await;
+        for _ in 0..3 {
+            assert!(matches!(outcome().await, AuthOutcome::Authenticated(_)));
+        }
+        assert!(copied());
+        *store.state.lock().expect("state") = false;
+        let before = auth.inner.epoch.load(Ordering::Acquire);
+        store
+            .changes
+            .send(Change::Key(key.as_str().to_owned()))
+            .expect("a subscriber");
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while auth.inner.epoch.load(Ordering::Acquire) < before + 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the change was not applied");
+        assert!(!copied());
+        assert!(matches!(outcome().await, AuthOutcome::RejectedRevoked));
+    }
+
     #[tokio::test]
     async fn a_lookup_racing_forget_does_not_cache_its_answer() {
         let race = Race::start().await;
@@ -1318,14 +1482,15 @@ mod tests {
         .await
         .expect("the feed was not applied");
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(epoch(), after_forget + 1, "the echo was applied as well");
+        // Each applied change moves the epoch twice (before and after the entry goes).
+        assert_eq!(epoch(), after_forget + 2, "the echo was applied as well");
         // A second echo of the same key is a change made elsewhere again: applied.
         store
             .changes
             .send(Change::Key(revoked.as_str().to_owned()))
             .expect("a subscriber");
         tokio::time::timeout(Duration::from_secs(5), async {
-            while epoch() == after_forget + 1 {
+            while epoch() == after_forget + 2 {
                 tokio::task::yield_now().await;
             }
         })
