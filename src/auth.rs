@@ -147,7 +147,7 @@ mod local {
     /// One slot: a key seen once (`entry` is `None`), or a key and its private copy.
     struct Slot {
         /// Which authenticator filled it ([`super::Inner::id`]).
-        owner: u64,
+        authenticator: u64,
         epoch: u64,
         key: ApiKey,
         entry: Option<Entry>,
@@ -163,15 +163,20 @@ mod local {
         (foldhash::fast::FixedState::with_seed(0).hash_one(sent) as usize) % SLOTS
     }
 
-    /// This thread's copy of `sent`'s entry, if it was made by `owner` at `epoch` and is
+    /// This thread's copy of `sent`'s entry, if it was made by `authenticator` at `epoch` and is
     /// still within its TTL at `now`.
-    pub(super) fn get(owner: u64, epoch: u64, sent: &[u8], now: u64) -> Option<(ApiKey, Entry)> {
+    pub(super) fn get(
+        authenticator: u64,
+        epoch: u64,
+        sent: &[u8],
+        now: u64,
+    ) -> Option<(ApiKey, Entry)> {
         SLOTS_OF_THREAD
             .try_with(|slots| {
                 let slots = slots.try_borrow().ok()?;
                 let slot = slots.get(slot_of(sent))?.as_ref()?;
                 let entry = slot.entry.as_ref()?;
-                (slot.owner == owner
+                (slot.authenticator == authenticator
                     && slot.epoch == epoch
                     && entry.stale_ms > now
                     && slot.key.as_str().as_bytes() == sent)
@@ -183,7 +188,7 @@ mod local {
 
     /// Offers a hit of the shared cache, found at `epoch`. The second hit in a row of one
     /// key in its slot makes a private copy: keys used once cost no copy.
-    pub(super) fn offer(owner: u64, epoch: u64, key: &ApiKey, entry: &Entry) {
+    pub(super) fn offer(authenticator: u64, epoch: u64, key: &ApiKey, entry: &Entry) {
         let _ = SLOTS_OF_THREAD.try_with(|slots| {
             let Ok(mut slots) = slots.try_borrow_mut() else {
                 return;
@@ -196,9 +201,9 @@ mod local {
             };
             let seen = slot
                 .as_ref()
-                .is_some_and(|slot| slot.owner == owner && slot.key == *key);
+                .is_some_and(|slot| slot.authenticator == authenticator && slot.key == *key);
             *slot = Some(Slot {
-                owner,
+                authenticator,
                 epoch,
                 key: key.clone(),
                 entry: seen.then(|| Entry {

@@ -12,9 +12,9 @@ use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
 };
+use tracing_subscriber::EnvFilter;
 
 use crate::auth::AuthOutcome;
-use tracing_subscriber::EnvFilter;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
