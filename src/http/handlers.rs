@@ -732,10 +732,10 @@ fn identity_headers(
     headers
 }
 
-/// `/auth/verify` and everything under it, any method: a forward-auth target. The guard
-/// authenticated the caller; this checks the scopes the request asks for (`?scope=` and
-/// `X-Required-Scopes`; every other query parameter and the body are ignored) and answers
-/// with the caller's identity.
+/// `/auth/verify` and everything under it, any method: a forward-auth target. Not routed: the
+/// guard answers with this once it authenticated the caller. Checks the scopes the request
+/// asks for (`?scope=` and `X-Required-Scopes`; every other query parameter and the body are
+/// ignored) and answers with the caller's identity.
 #[utoipa::path(method(get, put, post, delete, options, head, patch, trace), path = "/auth/verify/{path}", tag = "forward auth",
     summary = "Forward-auth target: authenticates the request's credential and answers with its identity",
     params(
@@ -757,12 +757,9 @@ fn identity_headers(
         (status = 400, description = "`INVALID_FIELD`: a required scope is malformed", body = ErrorBody),
         (status = 403, description = "`INSUFFICIENT_SCOPE`: the credential lacks a required scope", body = ErrorBody),
     ))]
-pub(super) async fn verify(
-    State(ok): State<VerifyStatus>,
-    req: axum::extract::Request,
-) -> Response {
-    // The request is read in place: its headers, URI and caller are borrowed, never cloned.
-    match identity(&req, ok) {
+pub(super) fn verify(caller: &Caller, req: &axum::extract::Request, ok: VerifyStatus) -> Response {
+    // The request is read in place: its headers and URI are borrowed, never cloned.
+    match identity(caller, req, ok) {
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
@@ -770,11 +767,11 @@ pub(super) async fn verify(
 
 /// The answer of `/auth/verify` to an authenticated request: its required scopes checked,
 /// then the caller's identity headers.
-fn identity(req: &axum::extract::Request, ok: VerifyStatus) -> Result<Response, ApiError> {
-    let Some(caller) = req.extensions().get::<Caller>() else {
-        // The route is declared for credentials only: the guard admitted it with one.
-        return Err(ApiError::Unauthorized);
-    };
+fn identity(
+    caller: &Caller,
+    req: &axum::extract::Request,
+    ok: VerifyStatus,
+) -> Result<Response, ApiError> {
     check_required_scopes(caller, req.uri().query())?;
     // One walk over the headers finds the key and the required scopes (see `each_named`).
     let (mut key, mut required) = (None, Ok(()));

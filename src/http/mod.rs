@@ -5,6 +5,8 @@
 //! before routing, so unknown routes and wrong methods answer an anonymous caller with the
 //! same 401 as everything else, without an `Allow` header. Which routes are open is decided
 //! where each route is declared, in `table()`; every other request needs a credential.
+//! Forward-auth requests (`/auth/verify`) are the exception to routing: authenticating them
+//! is all they ask, so the guard answers them itself.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ use axum::handler::Handler;
 use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodFilter, any, on};
+use axum::routing::{MethodFilter, on};
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 
@@ -54,14 +56,6 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Who may register, and what `/auth/verify` answers.
     pub policy: Arc<Policy>,
-}
-
-/// What `/auth/verify` answers on success: taken from the state on its own, so that serving
-/// it copies one value rather than cloning every shared part of the state.
-impl axum::extract::FromRef<AppState> for crate::config::VerifyStatus {
-    fn from_ref(state: &AppState) -> Self {
-        state.policy.verify_ok_status
-    }
 }
 
 /// Every route, declared once, with who may call it and the scope it needs (SPEC §7.2). The
@@ -120,9 +114,7 @@ fn table() -> Routes {
         )
         // Every method on every path under it: proxies forward the original method and
         // append the original path (SPEC §7.4). It checks the scopes a request asks for.
-        .any_method("/auth/verify", handlers::verify)
-        .any_method("/auth/verify/", handlers::verify)
-        .any_method("/auth/verify/{*path}", handlers::verify)
+        .forward_auth("/auth/verify")
 }
 
 /// Builds the whole API: the route table, error fallbacks and middleware.
@@ -149,7 +141,7 @@ pub fn router(state: AppState, request_timeout: Duration) -> Router {
         }))
         .layer(middleware::from_fn_with_state(request_timeout, timeout))
         .layer(middleware::from_fn_with_state(
-            guard::Guard::new(state.auth, access),
+            guard::Guard::new(state.auth, access, state.policy.verify_ok_status),
             guard::require_credential,
         ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -195,6 +187,8 @@ pub(crate) struct Access {
     /// Single methods on a path open to a caller without credential headers; the path's
     /// other methods need a credential.
     open: Vec<(Method, &'static str)>,
+    /// The forward-auth path: it, and every path under it, any method.
+    forward_auth: Option<&'static str>,
 }
 
 impl Access {
@@ -204,13 +198,33 @@ impl Access {
             Open::Public
         } else if self.open.iter().any(|(m, p)| m == method && *p == path) {
             Open::WithoutCredential
+        } else if let Some(route) = self
+            .forward_auth
+            .and_then(|base| forward_auth_route(base, path))
+        {
+            Open::ForwardAuth(route)
         } else {
             Open::No
         }
     }
 }
 
-/// The methods `any_method` routes answer, as OpenAPI can name them.
+/// The route a path under the forward-auth path `base` is labelled with, as axum would match
+/// the three routes it stands for (see [`Routes::forward_auth`]); `None` for any other path.
+fn forward_auth_route(base: &'static str, path: &str) -> Option<&'static str> {
+    match path.strip_prefix(base)? {
+        "" => Some(base),
+        "/" => Some(FORWARD_AUTH_ROUTES[1]),
+        under if under.starts_with('/') => Some(FORWARD_AUTH_ROUTES[2]),
+        _ => None,
+    }
+}
+
+/// The forward-auth routes as documented and labelled in metrics: the path, the path with a
+/// trailing slash, and every path under it (the original request's, appended by a proxy).
+const FORWARD_AUTH_ROUTES: [&str; 3] = ["/auth/verify", "/auth/verify/", "/auth/verify/{*path}"];
+
+/// The methods the forward-auth path answers, as OpenAPI can name them.
 const EVERY_METHOD: [Method; 8] = [
     Method::GET,
     Method::PUT,
@@ -271,19 +285,20 @@ impl Routes {
         self.declare(method, path, Admits::AnyoneOrCredential, handler)
     }
 
-    /// Every method on a path, for any valid credential: its handler finds the [`Caller`] in
-    /// request extensions.
-    fn any_method<H, T>(mut self, path: &'static str, handler: H) -> Self
-    where
-        H: Handler<T, AppState>,
-        T: 'static,
-    {
-        self.router = self.router.route(path, any(handler));
-        self.declared.push(Declared {
-            methods: EVERY_METHOD.to_vec(),
-            path,
-            caller: Admits::Credential,
-        });
+    /// The forward-auth path: every method on it and on every path under it, for any valid
+    /// credential. Not routed: the guard answers these requests itself ([`handlers::verify`]),
+    /// since authenticating them is all they ask. Declared here all the same, for the
+    /// OpenAPI document and the route table's tests.
+    fn forward_auth(mut self, path: &'static str) -> Self {
+        debug_assert_eq!(path, FORWARD_AUTH_ROUTES[0]);
+        self.access.forward_auth = Some(path);
+        for path in FORWARD_AUTH_ROUTES {
+            self.declared.push(Declared {
+                methods: EVERY_METHOD.to_vec(),
+                path,
+                caller: Admits::Credential,
+            });
+        }
         self
     }
 
@@ -306,11 +321,26 @@ async fn timeout(State(limit): State<Duration>, req: Request, next: Next) -> Res
 
 /// Carries the matched route's path template out to [`observe`], which runs before routing.
 #[derive(Clone)]
-struct RouteLabel(MatchedPath);
+enum RouteLabel {
+    Matched(MatchedPath),
+    /// A route the guard answers itself (the forward-auth routes).
+    Guard(&'static str),
+}
+
+impl RouteLabel {
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Matched(matched) => matched.as_str(),
+            Self::Guard(route) => route,
+        }
+    }
+}
 
 async fn label(matched: MatchedPath, req: Request, next: Next) -> Response {
     let mut response = next.run(req).await;
-    response.extensions_mut().insert(RouteLabel(matched));
+    response
+        .extensions_mut()
+        .insert(RouteLabel::Matched(matched));
     response
 }
 
@@ -321,7 +351,7 @@ async fn observe(State(metrics): State<Metrics>, req: Request, next: Next) -> Re
     let route = response
         .extensions()
         .get::<RouteLabel>()
-        .map_or("unmatched", |RouteLabel(m)| m.as_str());
+        .map_or("unmatched", RouteLabel::as_str);
     let status = response.status();
     metrics.observe_request(route, status.as_u16(), started);
     // Paths carry only public keys; headers (which carry secrets) are never logged.
@@ -361,11 +391,30 @@ mod tests {
             (Method::PUT, "/credentials"),
             (Method::GET, "/credentials/ak_x"),
             (Method::DELETE, "/credentials/ak_x"),
-            (Method::GET, "/auth/verify"),
+            (Method::GET, "/auth/verifyx"),
             (Method::GET, "/health/"),
             (Method::GET, "/anything"),
         ] {
             assert_eq!(access.of(&method, path), Open::No, "{method} {path}");
+        }
+        // Labelled as the three routes axum would have matched.
+        for (path, route) in [
+            ("/auth/verify", "/auth/verify"),
+            ("/auth/verify/", "/auth/verify/"),
+            ("/auth/verify/orders/7", "/auth/verify/{*path}"),
+            ("/auth/verify//", "/auth/verify/{*path}"),
+        ] {
+            for method in [
+                Method::GET,
+                Method::POST,
+                Method::from_bytes(b"PURGE").unwrap(),
+            ] {
+                assert_eq!(
+                    access.of(&method, path),
+                    Open::ForwardAuth(route),
+                    "{method} {path}"
+                );
+            }
         }
     }
 
