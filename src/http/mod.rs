@@ -114,8 +114,12 @@ fn table() -> Routes {
         )
         // Every method on every path under it: proxies forward the original method and
         // append the original path (SPEC §7.4). It checks the scopes a request asks for.
-        .forward_auth("/auth/verify")
+        .forward_auth(FORWARD_AUTH_ROUTES)
 }
+
+/// The forward-auth routes: the path, the path with a trailing slash, and every path under it
+/// (the original request's, appended by a proxy), as documented and labelled in metrics.
+const FORWARD_AUTH_ROUTES: [&str; 3] = ["/auth/verify", "/auth/verify/", "/auth/verify/{*path}"];
 
 /// Builds the whole API: the route table, error fallbacks and middleware.
 pub fn router(state: AppState, request_timeout: Duration) -> Router {
@@ -187,8 +191,8 @@ pub(crate) struct Access {
     /// Single methods on a path open to a caller without credential headers; the path's
     /// other methods need a credential.
     open: Vec<(Method, &'static str)>,
-    /// The forward-auth path: it, and every path under it, any method.
-    forward_auth: Option<&'static str>,
+    /// The forward-auth routes (see [`FORWARD_AUTH_ROUTES`]): any method.
+    forward_auth: Option<[&'static str; 3]>,
 }
 
 impl Access {
@@ -200,7 +204,7 @@ impl Access {
             Open::WithoutCredential
         } else if let Some(route) = self
             .forward_auth
-            .and_then(|base| forward_auth_route(base, path))
+            .and_then(|routes| forward_auth_route(routes, path))
         {
             Open::ForwardAuth(route)
         } else {
@@ -209,20 +213,16 @@ impl Access {
     }
 }
 
-/// The route a path under the forward-auth path `base` is labelled with, as axum would match
-/// the three routes it stands for (see [`Routes::forward_auth`]); `None` for any other path.
-fn forward_auth_route(base: &'static str, path: &str) -> Option<&'static str> {
-    match path.strip_prefix(base)? {
-        "" => Some(base),
-        "/" => Some(FORWARD_AUTH_ROUTES[1]),
-        under if under.starts_with('/') => Some(FORWARD_AUTH_ROUTES[2]),
+/// Which of the forward-auth `routes` (the path, with a trailing slash, and every path under
+/// it) axum would have matched `path` with; `None` for any other path.
+fn forward_auth_route(routes: [&'static str; 3], path: &str) -> Option<&'static str> {
+    match path.strip_prefix(routes[0])? {
+        "" => Some(routes[0]),
+        "/" => Some(routes[1]),
+        under if under.starts_with('/') => Some(routes[2]),
         _ => None,
     }
 }
-
-/// The forward-auth routes as documented and labelled in metrics: the path, the path with a
-/// trailing slash, and every path under it (the original request's, appended by a proxy).
-const FORWARD_AUTH_ROUTES: [&str; 3] = ["/auth/verify", "/auth/verify/", "/auth/verify/{*path}"];
 
 /// The methods the forward-auth path answers, as OpenAPI can name them.
 const EVERY_METHOD: [Method; 8] = [
@@ -285,14 +285,13 @@ impl Routes {
         self.declare(method, path, Admits::AnyoneOrCredential, handler)
     }
 
-    /// The forward-auth path: every method on it and on every path under it, for any valid
-    /// credential. Not routed: the guard answers these requests itself ([`handlers::verify`]),
-    /// since authenticating them is all they ask. Declared here all the same, for the
-    /// OpenAPI document and the route table's tests.
-    fn forward_auth(mut self, path: &'static str) -> Self {
-        debug_assert_eq!(path, FORWARD_AUTH_ROUTES[0]);
-        self.access.forward_auth = Some(path);
-        for path in FORWARD_AUTH_ROUTES {
+    /// The forward-auth routes: every method on a path and on every path under it, for any
+    /// valid credential. Not routed: the guard answers these requests itself
+    /// ([`handlers::verify`]), since authenticating them is all they ask. Declared here all
+    /// the same, for the OpenAPI document and the route table's tests.
+    fn forward_auth(mut self, routes: [&'static str; 3]) -> Self {
+        self.access.forward_auth = Some(routes);
+        for path in routes {
             self.declared.push(Declared {
                 methods: EVERY_METHOD.to_vec(),
                 path,

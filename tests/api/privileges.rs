@@ -535,26 +535,17 @@ async fn verify_answers_every_proxy_shape_the_same_way(backend: Backend) {
     // The guard answers these requests without routing them; metrics label them as the
     // three routes they are declared as, and the refused ones as unmatched, like every
     // request the guard refuses.
-    let text = app
-        .send(Method::GET, "/metrics", None)
-        .await
-        .text()
-        .await
-        .unwrap();
-    let requests = |route: &str, status: u16| {
-        metric_value(
-            &text,
-            &format!("credgate_http_requests_total{{route=\"{route}\",status=\"{status}\"}}"),
-        )
-    };
     let per_path = (2 * METHODS.len()) as f64;
-    assert_eq!(requests("/auth/verify", 204), 2.0 * per_path + 1.0);
-    assert_eq!(requests("/auth/verify/", 204), per_path);
-    assert_eq!(requests("/auth/verify/{*path}", 204), 2.0 * per_path);
-    assert_eq!(
-        requests("unmatched", 401),
-        (2 * METHODS.len() * VERIFY_PATHS.len()) as f64
-    );
+    for (route, status, count) in [
+        ("/auth/verify", 204, 2.0 * per_path + 1.0),
+        ("/auth/verify/", 204, per_path),
+        ("/auth/verify/{*path}", 204, 2.0 * per_path),
+        ("unmatched", 401, per_path * VERIFY_PATHS.len() as f64),
+    ] {
+        let series =
+            format!("credgate_http_requests_total{{route=\"{route}\",status=\"{status}\"}}");
+        assert_eq!(app.metric(&series).await, count, "{series}");
+    }
 }
 
 async fn verify_checks_required_scopes(backend: Backend) {
