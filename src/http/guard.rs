@@ -1,9 +1,9 @@
 //! The authentication guard: reads the two credential headers, asks the authenticator, and
 //! either admits the request with its [`Caller`] in request extensions or answers for it.
 //! Public routes pass as they are; open ones pass without credential headers, and are
-//! authenticated like any other when they carry them. Forward-auth requests are answered
-//! here, authenticated or not: the answer is the caller's identity. Scope checks per route
-//! ([`Need`]) run after routing, where the route is known.
+//! authenticated like any other when they carry them. Forward-auth requests never reach
+//! routing: once authenticated, the guard answers them with the caller's identity. Scope
+//! checks per route ([`Need`]) run after routing, where the route is known.
 
 use axum::extract::{FromRequestParts, RawPathParams, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
@@ -161,7 +161,7 @@ pub(crate) fn each_named<'h, const N: usize>(
     }
 }
 
-/// Whether a request may go without a credential.
+/// Whether a request may go without a credential (and, for forward-auth, who answers it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Open {
     /// Anyone, with or without credential headers (which are then ignored).
