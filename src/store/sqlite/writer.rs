@@ -45,8 +45,8 @@ const WRITER_CHECKPOINT_FRAMES: i64 = 10_000;
 /// that did. A pass copies every page changed since the last once, and ends with an fsync
 /// of the database file: every 5 ms under load, the pages every batch changes (the end of
 /// the event log, the upper levels of the B-trees) were copied again and again, and the
-/// database's fsyncs slowed the commits' own. Every 200 ms (about 4 000 frames at 20 000
-/// registrations/s, well under [`WRITER_CHECKPOINT_FRAMES`]) the checkpointer took 2.6 µs
+/// database's fsyncs slowed the commits' own. Every 200 ms (4 000–5 000 frames at 20 000
+/// registrations/s, under [`WRITER_CHECKPOINT_FRAMES`]) the checkpointer took 2.6 µs
 /// of CPU per registration against 6–7 µs every 50 ms; the price is a larger copy and fsync
 /// per pass, which shows in the slowest commits (p99 33–37 ms against 26–32 ms).
 const CHECKPOINT_IDLE: Duration = Duration::from_millis(100);
