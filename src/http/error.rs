@@ -4,8 +4,8 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
+use super::openapi::ErrorBody;
 use crate::store::StoreError;
 
 /// The body of every 401, as `ApiError::Unauthorized` would serialize it (a unit test checks).
@@ -148,8 +148,8 @@ impl IntoResponse for ApiError {
             )
                 .into_response();
         }
-        let body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
-        (self.status(), Json(body)).into_response()
+        let message = self.to_string();
+        (self.status(), Json(ErrorBody::new(self.code(), &message))).into_response()
     }
 }
 
@@ -160,7 +160,7 @@ mod tests {
     #[test]
     fn the_prebuilt_401_is_what_the_error_serializes_to() {
         let e = ApiError::Unauthorized;
-        let built = json!({ "error": { "code": e.code(), "message": e.to_string() } });
-        assert_eq!(built.to_string(), UNAUTHORIZED_BODY);
+        let built = serde_json::to_string(&ErrorBody::new(e.code(), &e.to_string()));
+        assert_eq!(built.expect("serialized"), UNAUTHORIZED_BODY);
     }
 }

@@ -7,7 +7,8 @@ use std::fmt;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -90,7 +91,7 @@ pub(super) async fn register(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
     RequestOrigin(origin): RequestOrigin,
-    headers: HeaderMap,
+    declared: DeclaredJson,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = caller.map(|Extension(caller)| caller);
@@ -98,7 +99,7 @@ pub(super) async fn register(
     if caller.is_none() && !policy.open_registration {
         return Err(ApiError::Unauthorized);
     }
-    let fields = json_object(&headers, body)?;
+    let fields = json_object(declared, body)?;
     let (key, secret) = parse_pair(&fields)?;
     let attributes = Attributes::parse(&fields, Utc::now(), Fields::Registration)?;
     let writes = caller
@@ -162,11 +163,11 @@ pub(super) async fn update(
     Extension(caller): Extension<Caller>,
     RequestOrigin(origin): RequestOrigin,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    headers: HeaderMap,
+    declared: DeclaredJson,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let key = path_key(path)?;
-    let fields = json_object(&headers, body)?;
+    let fields = json_object(declared, body)?;
     let attributes = Attributes::parse(&fields, Utc::now(), Fields::Update)?;
     if let Some(missing) = attributes
         .scopes
@@ -212,10 +213,10 @@ pub(super) async fn issue(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     RequestOrigin(origin): RequestOrigin,
-    headers: HeaderMap,
+    declared: DeclaredJson,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let fields = optional_object(&headers, body)?;
+    let fields = optional_object(declared, body)?;
     let attributes = Attributes::parse(&fields, Utc::now(), Fields::Issue)?;
     let scopes = attributes.scopes.unwrap_or_default();
     if let Some(missing) = scopes.first_missing(caller.profile.scopes()) {
@@ -278,11 +279,11 @@ pub(super) async fn roll(
     Extension(caller): Extension<Caller>,
     RequestOrigin(origin): RequestOrigin,
     path: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    headers: HeaderMap,
+    declared: DeclaredJson,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let old = path_key(path)?;
-    let fields = optional_object(&headers, body)?;
+    let fields = optional_object(declared, body)?;
     if let Some(unknown) = fields.keys().find(|k| k.as_str() != "grace_seconds") {
         return Err(ApiError::field(
             unknown,
@@ -357,25 +358,38 @@ fn with_secret(
         .into_response()
 }
 
+/// Whether a request declares its body as JSON (`Content-Type: application/json`, with or
+/// without parameters). An extractor of its own so a handler that reads a body does not
+/// take a copy of every header to look at one.
+pub(super) struct DeclaredJson(bool);
+
+impl<S: Send + Sync> FromRequestParts<S> for DeclaredJson {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(is_json(&parts.headers)))
+    }
+}
+
 /// A body that must be a JSON object declared as JSON.
 fn json_object(
-    headers: &HeaderMap,
+    declared: DeclaredJson,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Map<String, Value>, ApiError> {
-    require_json(headers)?;
+    require_json(declared)?;
     parse_object(&read_body(body)?)
 }
 
 /// A body that may be absent (then `{}`); when present, a JSON object declared as JSON.
 fn optional_object(
-    headers: &HeaderMap,
+    declared: DeclaredJson,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Map<String, Value>, ApiError> {
     let body = read_body(body)?;
     if body.is_empty() {
         return Ok(Map::new());
     }
-    require_json(headers)?;
+    require_json(declared)?;
     parse_object(&body)
 }
 
@@ -486,17 +500,22 @@ impl Attributes {
     }
 }
 
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::UnsupportedMediaType)?;
-    let essence = content_type.split(';').next().unwrap_or("").trim();
-    if essence.eq_ignore_ascii_case("application/json") {
+fn require_json(DeclaredJson(json): DeclaredJson) -> Result<(), ApiError> {
+    if json {
         Ok(())
     } else {
         Err(ApiError::UnsupportedMediaType)
     }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|content_type| {
+            let essence = content_type.split(';').next().unwrap_or("").trim();
+            essence.eq_ignore_ascii_case("application/json")
+        })
 }
 
 /// Parses a request body: one JSON object, no key repeated at any depth. serde_json alone

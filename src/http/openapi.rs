@@ -255,22 +255,30 @@ fn shared_responses() -> Value {
 }
 
 /// Every error's body (SPEC §2).
-#[derive(ToSchema)]
+// The documented type is the one `ApiError` writes, straight from its code and message (no
+// JSON map in between). The doc comment above is the schema's description.
+#[derive(ToSchema, Serialize)]
 #[schema(as = Error)]
-#[allow(dead_code)] // Describes what `ApiError` serializes; never built itself.
-pub(super) struct ErrorBody {
-    error: ErrorDetail,
+pub(super) struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
 }
 
 /// The error itself.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub(super) struct ErrorDetail {
+#[derive(ToSchema, Serialize)]
+pub(super) struct ErrorDetail<'a> {
     /// A stable machine code, such as `INVALID_FIELD`.
     #[schema(pattern = "^[A-Z_]+$", example = "INVALID_FIELD")]
-    code: String,
+    code: &'a str,
     /// Text for people; for `INVALID_FIELD` it starts with the field's name.
-    message: String,
+    message: &'a str,
+}
+
+impl<'a> ErrorBody<'a> {
+    pub(super) fn new(code: &'a str, message: &'a str) -> Self {
+        Self {
+            error: ErrorDetail { code, message },
+        }
+    }
 }
 
 #[cfg(test)]
