@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Cache misses against /health like for like, builds alternated: for each round and each
-# build, a fresh copy of a kept benchmark database, a 3 s `/health` run, one `wrk -t1 -c32`
-# run of cache misses (the kept miss.lua: random keys among 200 000, a 10 000-entry cache),
-# and a second 3 s `/health` run. Prints both rates, misses as a share of the mean /health,
-# and the CPU the writer thread spent during the misses (last-used writes) and after them.
+# Cache misses against /health like for like, builds alternated (in reverse order every other
+# round, so that a host speeding up or slowing down does not favour one build): for each round
+# and each build, a fresh copy of a kept benchmark database, a 3 s `/health` run, one
+# `wrk -t1 -c32` run of cache misses (the kept miss.lua: random keys among 200 000, a
+# 10 000-entry cache), and a second 3 s `/health` run. Prints both rates, misses as a share of
+# the mean /health, and the CPU the writer thread spent during the misses (last-used writes)
+# and after them.
 # Usage: bench/misses.sh KEPT_DIR BINARY [BINARY...]
 #   KEPT_DIR: what `KEEP=1 bash bench/run.sh` leaves behind (bench.db, master.key, miss.lua).
 # Environment: ROUNDS (3), RUN_SECONDS (5, as in bench/run.sh), AFTER_SECONDS (10).
@@ -20,8 +22,13 @@ writer_ms() { # ms of CPU of the writer thread of process $1
     done
 }
 rate() { awk '/Requests\/sec/ {printf "%.0f", $2}' "$1"; }
+bins=("$@")
 for round in $(seq 1 "$rounds"); do
-    for bin in "$@"; do
+    order=("${bins[@]}")
+    if (( round % 2 == 0 )); then
+        order=(); for ((i = ${#bins[@]} - 1; i >= 0; i--)); do order+=("${bins[i]}"); done
+    fi
+    for bin in "${order[@]}"; do
         rm -rf "$work/run"; mkdir -p "$work/run/data"
         cp "$kept/bench.db" "$work/run/bench.db"
         install -m 600 "$kept/master.key" "$work/run/master.key"

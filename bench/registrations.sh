@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Durable registrations like for like, builds alternated: for each round and each build, a
-# fresh copy of a kept benchmark database (migrated by the build under test), a 1 s `/health`
-# warm-up, then one `wrk -t1 -c64` run of pairs minted for it. Prints req/s and the CPU each
+# Durable registrations like for like, builds alternated (in reverse order every other round,
+# so that a host speeding up or slowing down does not favour one build): for each round and
+# each build, a fresh copy of a kept benchmark database (migrated by the build under test), a
+# 1 s `/health` warm-up, then one `wrk -t1 -c64` run of pairs minted for it. Prints req/s and the CPU each
 # of the server's threads spent per registration (from /proc/<pid>/task/*/schedstat).
 # Usage: bench/registrations.sh KEPT_DIR BINARY [BINARY...]
 #   KEPT_DIR: what `KEEP=1 bash bench/run.sh` leaves behind (bench.db, master.key).
@@ -16,8 +17,13 @@ cpu() { # thread name -> summed ns on CPU, for process $1
         printf '%s %s\n' "$(tr -d ' ' < "$t/comm")" "$(cut -d' ' -f1 "$t/schedstat")"
     done | awk '{a[$1] += $2} END {for (k in a) print k, a[k]}' | sort
 }
+bins=("$@")
 for round in $(seq 1 "$rounds"); do
-    for bin in "$@"; do
+    order=("${bins[@]}")
+    if (( round % 2 == 0 )); then
+        order=(); for ((i = ${#bins[@]} - 1; i >= 0; i--)); do order+=("${bins[i]}"); done
+    fi
+    for bin in "${order[@]}"; do
         rm -rf "$work/run"; mkdir -p "$work/run/data"
         cp "$kept/bench.db" "$work/run/bench.db"
         install -m 600 "$kept/master.key" "$work/run/master.key"
