@@ -22,12 +22,9 @@ writer_ms() { # ms of CPU of the writer thread of process $1
     done
 }
 rate() { awk '/Requests\/sec/ {printf "%.0f", $2}' "$1"; }
-bins=("$@")
+reversed=(); for bin in "$@"; do reversed=("$bin" "${reversed[@]}"); done
 for round in $(seq 1 "$rounds"); do
-    order=("${bins[@]}")
-    if (( round % 2 == 0 )); then
-        order=(); for ((i = ${#bins[@]} - 1; i >= 0; i--)); do order+=("${bins[i]}"); done
-    fi
+    if (( round % 2 )); then order=("$@"); else order=("${reversed[@]}"); fi
     for bin in "${order[@]}"; do
         rm -rf "$work/run"; mkdir -p "$work/run/data"
         cp "$kept/bench.db" "$work/run/bench.db"

@@ -2,8 +2,9 @@
 # Durable registrations like for like, builds alternated (in reverse order every other round,
 # so that a host speeding up or slowing down does not favour one build): for each round and
 # each build, a fresh copy of a kept benchmark database (migrated by the build under test), a
-# 1 s `/health` warm-up, then one `wrk -t1 -c64` run of pairs minted for it. Prints req/s and the CPU each
-# of the server's threads spent per registration (from /proc/<pid>/task/*/schedstat).
+# 1 s `/health` warm-up, then one `wrk -t1 -c64` run of pairs minted for it. Prints req/s and
+# the CPU each of the server's threads spent per registration (from
+# /proc/<pid>/task/*/schedstat).
 # Usage: bench/registrations.sh KEPT_DIR BINARY [BINARY...]
 #   KEPT_DIR: what `KEEP=1 bash bench/run.sh` leaves behind (bench.db, master.key).
 # Environment: ROUNDS (5), RUN_SECONDS (3), LOG (warn: the server's --log-level).
@@ -17,12 +18,9 @@ cpu() { # thread name -> summed ns on CPU, for process $1
         printf '%s %s\n' "$(tr -d ' ' < "$t/comm")" "$(cut -d' ' -f1 "$t/schedstat")"
     done | awk '{a[$1] += $2} END {for (k in a) print k, a[k]}' | sort
 }
-bins=("$@")
+reversed=(); for bin in "$@"; do reversed=("$bin" "${reversed[@]}"); done
 for round in $(seq 1 "$rounds"); do
-    order=("${bins[@]}")
-    if (( round % 2 == 0 )); then
-        order=(); for ((i = ${#bins[@]} - 1; i >= 0; i--)); do order+=("${bins[i]}"); done
-    fi
+    if (( round % 2 )); then order=("$@"); else order=("${reversed[@]}"); fi
     for bin in "${order[@]}"; do
         rm -rf "$work/run"; mkdir -p "$work/run/data"
         cp "$kept/bench.db" "$work/run/bench.db"
