@@ -367,7 +367,26 @@ impl<S: Send + Sync> FromRequestParts<S> for DeclaredJson {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Self(is_json(&parts.headers)))
+        let json = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|content_type| {
+                let essence = content_type.split(';').next().unwrap_or("").trim();
+                essence.eq_ignore_ascii_case("application/json")
+            });
+        Ok(Self(json))
+    }
+}
+
+impl DeclaredJson {
+    /// `415 UNSUPPORTED_MEDIA_TYPE` unless the body was declared as JSON.
+    fn require(self) -> Result<(), ApiError> {
+        if self.0 {
+            Ok(())
+        } else {
+            Err(ApiError::UnsupportedMediaType)
+        }
     }
 }
 
@@ -376,7 +395,7 @@ fn json_object(
     declared: DeclaredJson,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Map<String, Value>, ApiError> {
-    require_json(declared)?;
+    declared.require()?;
     parse_object(&read_body(body)?)
 }
 
@@ -389,7 +408,7 @@ fn optional_object(
     if body.is_empty() {
         return Ok(Map::new());
     }
-    require_json(declared)?;
+    declared.require()?;
     parse_object(&body)
 }
 
@@ -498,24 +517,6 @@ impl Attributes {
     fn needs_write(&self) -> bool {
         self.owner.is_some() || self.meta.is_some() || self.scopes.is_some()
     }
-}
-
-fn require_json(DeclaredJson(json): DeclaredJson) -> Result<(), ApiError> {
-    if json {
-        Ok(())
-    } else {
-        Err(ApiError::UnsupportedMediaType)
-    }
-}
-
-fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|content_type| {
-            let essence = content_type.split(';').next().unwrap_or("").trim();
-            essence.eq_ignore_ascii_case("application/json")
-        })
 }
 
 /// Parses a request body: one JSON object, no key repeated at any depth. serde_json alone
